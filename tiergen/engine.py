@@ -1,0 +1,159 @@
+"""Prefill and decode over a block of micro-batches, layer by layer.
+
+A *block* is a list of micro-batches that advance together: every forward pass
+(prefill, or one decode token) runs the schedule's (layer, micro-batch) steps,
+so a layer's weights are fetched once per block. Weights come from a
+``WeightStore``; the KV cache of each micro-batch is a ``KVCache``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+import torch
+
+from .kv_cache import KVCache
+from .models.attention import build_mask
+from .models.base import Model, StepContext, Weights
+from .sampling import SamplingParams, make_generators, sample
+from .schedule import SCHEDULES
+from .sequence import Sequence, Stopper
+
+
+class WeightStore(Protocol):
+    """Hands the engine each weight group on the compute device when it needs it."""
+
+    def group(self, g: str | int) -> Weights: ...
+
+
+@dataclass
+class MicroBatch:
+    seqs: list[Sequence]
+    cache: KVCache
+    key_valid: torch.Tensor       # [B, max_len] bool: which cache columns hold real tokens
+    next_pos: torch.Tensor        # [B] position id of each row's next token
+    col: int                      # next cache column to write
+    generators: list[torch.Generator] | None = None
+
+
+class Engine:
+    def __init__(self, model: Model, weights: WeightStore, device: torch.device,
+                 dtype: torch.dtype, schedule: str = "zigzag"):
+        self.model, self.weights = model, weights
+        self.cfg = model.cfg
+        self.device, self.dtype = device, dtype
+        self.steps = SCHEDULES[schedule]
+
+    # ------------------------------------------------------------- building
+    def new_micro_batch(self, seqs: list[Sequence], extra_cols: int) -> tuple[MicroBatch, torch.Tensor]:
+        """Left-pad the prompts into one micro-batch; returns it and the padded ids."""
+        width = max(len(s.prompt_ids) for s in seqs)
+        B, dev = len(seqs), self.device
+        ids = torch.zeros(B, width, dtype=torch.long)
+        valid = torch.zeros(B, width + extra_cols, dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            n = len(s.prompt_ids)
+            ids[r, width - n:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            valid[r, width - n:width] = True
+        lens = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long)
+        cache = KVCache(self.cfg, B, width + extra_cols, self.dtype, dev)
+        mb = MicroBatch(seqs, cache, valid.to(dev), lens.to(dev), col=0)
+        return mb, ids.to(dev)
+
+    def _context(self, mb: MicroBatch, positions: torch.Tensor, num_new: int) -> StepContext:
+        mask = build_mask(mb.key_valid, mb.col, num_new, self.cfg.sliding_window)
+        ctx = StepContext(positions=positions, start=mb.col, mask=mask)
+        self.model.prepare(ctx)
+        return ctx
+
+    # ------------------------------------------------------------- forward
+    def forward(self, mbs: list[MicroBatch], ids: list[torch.Tensor],
+                positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run new tokens ids[k] [B,T] of every micro-batch through all layers;
+        returns the last hidden states and advances each cache."""
+        ctxs = [self._context(mb, p, x.shape[1]) for mb, p, x in zip(mbs, positions, ids)]
+        emb = self.weights.group("embed")
+        hidden = [self.model.embed(emb, x, c) for x, c in zip(ids, ctxs)]
+        for step in self.steps(self.cfg.num_layers, len(mbs)):
+            k = step.micro_batch
+            hidden[k] = self.model.layer(self.weights.group(step.layer), hidden[k], ctxs[k],
+                                         mbs[k].cache.layer(step.layer))
+        for mb, x in zip(mbs, ids):
+            mb.col += x.shape[1]
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.weights.group("head"), hidden).float()
+
+    # ------------------------------------------------------------- generation
+    def prefill(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prompt pass; returns next-token logits [B,V] per micro-batch."""
+        positions = []
+        for mb, x in zip(mbs, ids):
+            # Position ids count real tokens only, so padding never shifts them.
+            valid = mb.key_valid[:, :x.shape[1]].long()
+            positions.append((valid.cumsum(-1) - 1).clamp(min=0))
+        hidden = self.forward(mbs, ids, positions)
+        return [self.logits(h[:, -1:])[:, 0] for h in hidden]
+
+    def decode_step(self, mbs: list[MicroBatch], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One new token per sequence; returns next-token logits [B,V] per micro-batch."""
+        for mb in mbs:
+            mb.key_valid[:, mb.col] = True
+        positions = [mb.next_pos[:, None] for mb in mbs]
+        hidden = self.forward(mbs, [t[:, None].to(self.device) for t in tokens], positions)
+        for mb in mbs:
+            mb.next_pos += 1
+        return [self.logits(h)[:, 0] for h in hidden]
+
+    def sample_next(self, mbs: list[MicroBatch], logits: list[torch.Tensor], params: SamplingParams,
+                    stopper: Stopper) -> list[torch.Tensor]:
+        tokens = []
+        for mb, lg in zip(mbs, logits):
+            t = sample(lg, params, mb.generators)
+            for s, tok in zip(mb.seqs, t.tolist()):
+                stopper.push(s, tok)
+            tokens.append(t)
+        return tokens
+
+    def generate_block(self, seqs_per_mb: list[list[Sequence]], params: SamplingParams,
+                       stopper: Stopper, on_token: Any = None) -> None:
+        """Generate for one block until every sequence has finished."""
+        steps = max(s.limit for seqs in seqs_per_mb for s in seqs)
+        if steps == 0:
+            for seqs in seqs_per_mb:
+                for s in seqs:
+                    s.finish_reason = "length"
+            return
+        built = [self.new_micro_batch(seqs, steps) for seqs in seqs_per_mb]
+        mbs = [m for m, _ in built]
+        for mb in mbs:
+            mb.generators = make_generators(params, [s.index for s in mb.seqs])
+        tokens = self.sample_next(mbs, self.prefill(mbs, [x for _, x in built]), params, stopper)
+        for _ in range(steps - 1):
+            if on_token:
+                on_token()
+            if all(s.done for mb in mbs for s in mb.seqs):
+                break
+            tokens = self.sample_next(mbs, self.decode_step(mbs, tokens), params, stopper)
+        if on_token:
+            on_token()
+
+    # ------------------------------------------------------------- scoring
+    def token_logprobs(self, seqs_per_mb: list[list[Sequence]]) -> Iterable[tuple[Sequence, torch.Tensor]]:
+        """log p(token_i | tokens_<i) for i >= 1 of each prompt, float32 on the CPU."""
+        built = [self.new_micro_batch(seqs, 0) for seqs in seqs_per_mb]
+        mbs = [m for m, _ in built]
+        ids = [x for _, x in built]
+        positions = [(mb.key_valid.long().cumsum(-1) - 1).clamp(min=0) for mb in mbs]
+        hidden = self.forward(mbs, ids, positions)
+        for mb, x, h in zip(mbs, ids, hidden):
+            for r, s in enumerate(mb.seqs):
+                n = len(s.prompt_ids)
+                if n < 2:
+                    yield s, torch.zeros(0)
+                    continue
+                row = h[r:r + 1, x.shape[1] - n:-1]
+                lp = self.logits(row)[0].log_softmax(-1)
+                target = x[r, x.shape[1] - n + 1:]
+                yield s, lp.gather(-1, target[:, None])[:, 0].cpu()

@@ -1,0 +1,213 @@
+"""The public entry point: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from .engine import Engine
+from .errors import InvalidRequestError, PromptTooLongError
+from .models import get_model
+from .sampling import SamplingParams
+from .sequence import Output, Sequence, Stopper
+from .weights.source import resolve
+from .weights.store import ResidentWeights
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+Prompt = str | list[dict[str, str]]   # plain text, or chat messages
+
+
+@dataclass(frozen=True)
+class Score:
+    """Sum of log p(token_i | tokens_<i) over the text's tokens after the first."""
+    logprob: float
+    num_tokens: int   # tokens whose log-probs are summed (the text's tokens minus the first)
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float        # total negative log-likelihood (nats)
+    num_tokens: int   # tokens scored
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device='cuda' requested but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16  # fast on CPU (fp16 matmul is ~400x slower there) and on GPU
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise InvalidRequestError(f"unsupported dtype {dtype!r} (use float32, bfloat16 or float16)")
+    if dt == torch.float16 and device.type == "cpu":
+        raise InvalidRequestError("float16 is supported on cuda only; use bfloat16 or float32 on the CPU")
+    return dt
+
+
+class LLM:
+    """A model loaded for batch generation and scoring.
+
+    ``model``: a known name (``smollm2-135m`` is the embedded default), a HF model
+    dir, a ``.gguf`` file or a Hub id in the local cache. ``dummy=True`` gives random
+    weights of the model's shape. ``batch_size`` sequences share one micro-batch.
+    """
+
+    def __init__(self, model: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device | None = None, dummy: bool = False, seed: int = 0,
+                 batch_size: int = 32, num_micro_batches: int = 1, schedule: str = "zigzag"):
+        if batch_size < 1 or num_micro_batches < 1:
+            raise InvalidRequestError("batch_size and num_micro_batches must be >= 1")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        source = resolve(model, dummy=dummy, seed=seed)
+        self.config = source.config
+        self.model = get_model(self.config)
+        self.weights = ResidentWeights(source, self.model, self.dtype, self.device)
+        self.tokenizer = source.tokenizer()
+        self.engine = Engine(self.model, self.weights, self.device, self.dtype, schedule=schedule)
+        self.batch_size, self.num_micro_batches = batch_size, num_micro_batches
+
+    # ------------------------------------------------------------- tokens
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; pass prompt_token_ids instead of text")
+        return self.tokenizer
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        tok = self._need_tokenizer()
+        if isinstance(prompt, list) or chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if not getattr(tok, "chat_template", None):
+                raise InvalidRequestError("this model has no chat template")
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(tok.encode(text, add_special_tokens=False))
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+        return list(tok.encode(prompt))
+
+    def _check_ids(self, ids: list[list[int]], room: int) -> None:
+        V, ctx = self.config.vocab_size, self.config.context_length
+        for i, p in enumerate(ids):
+            if not p:
+                raise InvalidRequestError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= V:
+                raise InvalidRequestError(f"prompt {i} has token ids outside the vocabulary [0, {V})")
+            if len(p) + room > ctx:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(p)} tokens; the context is {ctx}"
+                    + (" and at least one new token must fit" if room else ""))
+
+    def _blocks(self, seqs: list[Sequence]) -> Iterator[list[list[Sequence]]]:
+        """Blocks of micro-batches; similar lengths together so padding stays small."""
+        order = sorted(seqs, key=lambda s: len(s.prompt_ids))
+        mb = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for i in range(0, len(mb), self.num_micro_batches):
+            yield mb[i:i + self.num_micro_batches]
+
+    # ------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(self, prompts: Prompt | Seq[Prompt] | None = None,
+                 params: SamplingParams | None = None, *,
+                 prompt_token_ids: Seq[Seq[int]] | None = None, chat: bool = False,
+                 progress: bool = False) -> list[Output]:
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if prompt_token_ids is not None:
+            ids = [list(map(int, p)) for p in prompt_token_ids]
+            shown: list[Any] = list(prompts) if prompts is not None else [None] * len(ids)
+        elif prompts is not None:
+            shown = list(prompts)
+            ids = [self.encode(p, chat) for p in shown]
+        else:
+            raise InvalidRequestError("generate() needs prompts or prompt_token_ids")
+        self._check_ids(ids, room=1 if params.max_new_tokens else 0)
+        ctx = self.config.context_length
+        seqs = [Sequence(i, p, min(params.max_new_tokens, ctx - len(p))) for i, p in enumerate(ids)]
+        stopper = Stopper(params, self.config.eos_token_ids, self.tokenizer)
+        bar = _progress(progress, sum(s.limit for s in seqs), "generate")
+        for block in self._blocks(seqs):
+            n = sum(len(m) for m in block)
+            self.engine.generate_block(block, params, stopper, on_token=(lambda: bar.update(n)) if bar else None)
+        if bar:
+            bar.close()
+        return [Output(prompt=shown[s.index], prompt_token_ids=s.prompt_ids,
+                       text=stopper.final_text(s), token_ids=list(s.generated),
+                       finish_reason=s.finish_reason or "length") for s in seqs]
+
+    # ------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def token_logprobs(self, token_ids: Seq[Seq[int]]) -> list[torch.Tensor]:
+        ids = [list(map(int, p)) for p in token_ids]
+        self._check_ids(ids, room=0)
+        seqs = [Sequence(i, p, 0) for i, p in enumerate(ids)]
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)
+        for block in self._blocks(seqs):
+            for s, lp in self.engine.token_logprobs(block):
+                out[s.index] = lp
+        return out
+
+    def score(self, texts: Seq[str] | None = None, *,
+              token_ids: Seq[Seq[int]] | None = None) -> list[Score]:
+        if token_ids is None:
+            if texts is None:
+                raise InvalidRequestError("score() needs texts or token_ids")
+            token_ids = [self.encode(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        return [Score(float(lp.double().sum()), int(lp.numel())) for lp in self.token_logprobs(token_ids)]
+
+    def perplexity(self, text: str | None = None, *, token_ids: Seq[int] | None = None,
+                   window: int | None = None, stride: int | None = None,
+                   progress: bool = False) -> Perplexity:
+        """Sliding-window perplexity: each window scores only the tokens after the
+        previous window's end, with up to ``window - stride`` tokens of context."""
+        ids = list(token_ids) if token_ids is not None else self.encode(text or "")
+        window = min(window or min(self.config.context_length, 1024), self.config.context_length)
+        stride = stride or max(1, window // 2)
+        if not 0 < stride <= window:
+            raise InvalidRequestError(f"stride must be in [1, window={window}], got {stride}")
+        if len(ids) < 2:
+            raise InvalidRequestError("the text has fewer than 2 tokens; nothing to score")
+        spans, prev_end = [], 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            new = end - max(prev_end, begin + 1)    # never score a window's first token
+            spans.append((begin, end, new))
+            prev_end = end
+            if end == len(ids):
+                break
+        nll, count = 0.0, 0
+        bar = _progress(progress, len(spans), "ppl")
+        chunk = self.batch_size * self.num_micro_batches
+        for i in range(0, len(spans), chunk):
+            part = spans[i:i + chunk]
+            for (b, e, new), lp in zip(part, self.token_logprobs([ids[b:e] for b, e, _ in part])):
+                nll -= float(lp[len(lp) - new:].double().sum())
+                count += new
+            if bar:
+                bar.update(len(part))
+        if bar:
+            bar.close()
+        return Perplexity(ppl=math.exp(nll / count), nll=nll, num_tokens=count)
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="tok" if desc == "generate" else "win", leave=False)

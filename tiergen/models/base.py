@@ -1,0 +1,103 @@
+"""What every model family provides, and the per-step context it is given.
+
+A model is three pure functions over dicts of tensors -- ``embed``, ``layer``
+and ``head`` -- so the engine can place, move and schedule each layer's weights
+as opaque groups without the math knowing where they live.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from ..config import ModelConfig
+
+Weights = dict[str, torch.Tensor]
+# Where a checkpoint tensor goes: ("embed" | "head" | layer index, our key).
+Slot = tuple[str | int, str]
+
+
+@dataclass
+class StepContext:
+    """What one forward over one micro-batch needs besides weights and hidden states.
+
+    positions [B,T]: position ids of the new tokens (per sequence, padding ignored);
+    start: first cache column of the new tokens; mask [B,1,T,start+T] bool.
+    ``extra`` holds per-step values a family precomputes once for all layers (RoPE).
+    """
+    positions: torch.Tensor
+    start: int
+    mask: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LayerKV(Protocol):
+    """One layer's slice of a micro-batch's KV cache, as the model sees it."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               ctx: StepContext) -> torch.Tensor:
+        """Store k/v [B,Hkv,T,D] at ctx.start, return attention of q [B,H,T,D] over the cache."""
+        ...
+
+
+class Model(Protocol):
+    cfg: ModelConfig
+
+    def prepare(self, ctx: StepContext) -> None: ...
+    def embed(self, w: Weights, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor: ...
+    def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor: ...
+    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor: ...
+    def slot(self, hf_name: str) -> Slot | None: ...
+    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]: ...
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w, b)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": torch.nn.functional.silu,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from ..errors import UnknownModelError
+    if name not in ACTIVATIONS:
+        raise UnknownModelError(f"unsupported activation {name!r}")
+    return ACTIVATIONS[name]
+
+
+class NameMap:
+    """Maps checkpoint tensor names to slots with a few regex rules."""
+
+    def __init__(self, rules: list[tuple[str, str | int, str]]):
+        # rule: (regex with optional (?P<i>\d+), group or "layer", our key)
+        self.rules = [(re.compile(p), g, k) for p, g, k in rules]
+
+    def __call__(self, name: str) -> Slot | None:
+        for pat, group, key in self.rules:
+            m = pat.fullmatch(name)
+            if m:
+                return (int(m.group("i")) if group == "layer" else group, key)
+        return None
+
+
+MODELS: dict[str, Callable[[ModelConfig], Model]] = {}
+
+
+def register(family: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        MODELS[family] = cls
+        return cls
+    return deco
+
+
+def get_model(cfg: ModelConfig) -> Model:
+    from . import llama, opt  # noqa: F401  (registration side effect)
+    return MODELS[cfg.family](cfg)

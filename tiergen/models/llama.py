@@ -1,0 +1,90 @@
+"""Llama-family math: Llama 2/3, Mistral, Qwen2, SmolLM2 (RMSNorm, RoPE, GQA, SwiGLU)."""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .base import LayerKV, NameMap, StepContext, Weights, activation, linear, register
+from .rope import apply_rope, rope_cos_sin
+
+_L = r"(?:model\.)?layers\.(?P<i>\d+)\."
+_NAMES = NameMap([
+    (r"(?:model\.)?embed_tokens\.weight", "embed", "tok"),
+    (_L + r"input_layernorm\.weight", "layer", "attn_norm"),
+    (_L + r"self_attn\.q_proj\.weight", "layer", "wq"),
+    (_L + r"self_attn\.k_proj\.weight", "layer", "wk"),
+    (_L + r"self_attn\.v_proj\.weight", "layer", "wv"),
+    (_L + r"self_attn\.o_proj\.weight", "layer", "wo"),
+    (_L + r"self_attn\.q_proj\.bias", "layer", "bq"),
+    (_L + r"self_attn\.k_proj\.bias", "layer", "bk"),
+    (_L + r"self_attn\.v_proj\.bias", "layer", "bv"),
+    (_L + r"self_attn\.o_proj\.bias", "layer", "bo"),
+    (_L + r"post_attention_layernorm\.weight", "layer", "ffn_norm"),
+    (_L + r"mlp\.gate_proj\.weight", "layer", "w_gate"),
+    (_L + r"mlp\.up_proj\.weight", "layer", "w_up"),
+    (_L + r"mlp\.down_proj\.weight", "layer", "w_down"),
+    (_L + r"mlp\.gate_proj\.bias", "layer", "b_gate"),
+    (_L + r"mlp\.up_proj\.bias", "layer", "b_up"),
+    (_L + r"mlp\.down_proj\.bias", "layer", "b_down"),
+    (r"(?:model\.)?norm\.weight", "head", "norm"),
+    (r"lm_head\.weight", "head", "lm_head"),
+])
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 and cast back before the gain, as the reference does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@register("llama")
+class Llama:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.act = activation(cfg.activation)
+
+    def slot(self, hf_name: str):
+        return _NAMES(hf_name)
+
+    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+        c = self.cfg
+        h, q, kv, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn_dim
+        layer = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
+                 "ffn_norm": (h,), "w_gate": (f, h), "w_up": (f, h), "w_down": (h, f)}
+        if c.qkv_bias:
+            layer |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
+        if c.o_bias:
+            layer["bo"] = (h,)
+        if c.mlp_bias:
+            layer |= {"b_gate": (f,), "b_up": (f,), "b_down": (h,)}
+        head = {"norm": (h,)}
+        if not c.tie_word_embeddings:
+            head["lm_head"] = (c.vocab_size, h)
+        out: dict[str | int, dict[str, tuple[int, ...]]] = {"embed": {"tok": (c.vocab_size, h)}, "head": head}
+        out.update({i: layer for i in range(c.num_layers)})
+        return out
+
+    def prepare(self, ctx: StepContext) -> None:
+        ctx.extra["rope"] = rope_cos_sin(self.cfg, ctx.positions)
+
+    def embed(self, w: Weights, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return w["tok"][ids]
+
+    def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor:
+        c = self.cfg
+        B, T, _ = x.shape
+        h = rms_norm(x, w["attn_norm"], c.norm_eps)
+        q = linear(h, w["wq"], w.get("bq")).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
+        k = linear(h, w["wk"], w.get("bk")).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = linear(h, w["wv"], w.get("bv")).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        cos, sin = ctx.extra["rope"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B, T, -1)
+        x = x + linear(o, w["wo"], w.get("bo"))
+        h = rms_norm(x, w["ffn_norm"], c.norm_eps)
+        g = self.act(linear(h, w["w_gate"], w.get("b_gate"))) * linear(h, w["w_up"], w.get("b_up"))
+        return x + linear(g, w["w_down"], w.get("b_down"))
+
+    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        return linear(rms_norm(x, w["norm"], self.cfg.norm_eps), w["lm_head"])

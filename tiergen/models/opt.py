@@ -1,0 +1,109 @@
+"""OPT math, every size from 125m to 175b.
+
+opt-350m differs from the rest: its embeddings are 512-wide with projections in
+and out of the 1024-wide trunk, and it normalises after each residual add
+(post-LN) with no final layer norm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .base import LayerKV, NameMap, StepContext, Weights, activation, linear, register
+
+# Learned position embeddings are offset by 2 (a fairseq legacy).
+POSITION_OFFSET = 2
+
+_L = r"(?:model\.)?decoder\.layers\.(?P<i>\d+)\."
+_D = r"(?:model\.)?decoder\."
+_NAMES = NameMap([
+    (_D + r"embed_tokens\.weight", "embed", "tok"),
+    (_D + r"embed_positions\.weight", "embed", "pos"),
+    (_D + r"project_in\.weight", "embed", "proj_in"),
+    (_D + r"final_layer_norm\.weight", "head", "norm_w"),
+    (_D + r"final_layer_norm\.bias", "head", "norm_b"),
+    (_D + r"project_out\.weight", "head", "proj_out"),
+    (r"lm_head\.weight", "head", "lm_head"),
+] + [(_L + rf"self_attn\.{p}_proj\.{t}", "layer", f"{'w' if t == 'weight' else 'b'}{p[0]}")
+     for p in ("q", "k", "v", "out") for t in ("weight", "bias")] + [
+    (_L + r"self_attn_layer_norm\.weight", "layer", "ln1_w"),
+    (_L + r"self_attn_layer_norm\.bias", "layer", "ln1_b"),
+    (_L + r"final_layer_norm\.weight", "layer", "ln2_w"),
+    (_L + r"final_layer_norm\.bias", "layer", "ln2_b"),
+    (_L + r"fc1\.weight", "layer", "fc1_w"),
+    (_L + r"fc1\.bias", "layer", "fc1_b"),
+    (_L + r"fc2\.weight", "layer", "fc2_w"),
+    (_L + r"fc2\.bias", "layer", "fc2_b"),
+])
+
+
+@register("opt")
+class OPT:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.act = activation(cfg.activation)
+        self.has_final_norm = cfg.do_layer_norm_before
+        self.projected = cfg.word_embed_proj_dim != cfg.hidden_size
+
+    def slot(self, hf_name: str):
+        return _NAMES(hf_name)
+
+    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+        c = self.cfg
+        h, e, f = c.hidden_size, c.word_embed_proj_dim, c.ffn_dim
+        layer: dict[str, tuple[int, ...]] = {}
+        for p in "qkvo":
+            layer[f"w{p}"] = (h, h)
+            if c.qkv_bias:
+                layer[f"b{p}"] = (h,)
+        layer |= {"ln1_w": (h,), "ln1_b": (h,), "ln2_w": (h,), "ln2_b": (h,),
+                  "fc1_w": (f, h), "fc2_w": (h, f)}
+        if c.mlp_bias:
+            layer |= {"fc1_b": (f,), "fc2_b": (h,)}
+        embed = {"tok": (c.vocab_size, e), "pos": (c.max_position + POSITION_OFFSET, h)}
+        head: dict[str, tuple[int, ...]] = {}
+        if self.projected:
+            embed["proj_in"] = (h, e)
+            head["proj_out"] = (e, h)
+        if self.has_final_norm:
+            head |= {"norm_w": (h,), "norm_b": (h,)}
+        if not c.tie_word_embeddings:
+            head["lm_head"] = (c.vocab_size, e)
+        out: dict[str | int, dict[str, tuple[int, ...]]] = {"embed": embed, "head": head}
+        out.update({i: layer for i in range(c.num_layers)})
+        return out
+
+    def prepare(self, ctx: StepContext) -> None:
+        pass
+
+    def embed(self, w: Weights, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = w["tok"][ids]
+        if self.projected:
+            x = linear(x, w["proj_in"])
+        return x + w["pos"][ctx.positions + POSITION_OFFSET]
+
+    def _ln(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), w[f"{name}_w"], w[f"{name}_b"], self.cfg.norm_eps)
+
+    def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor:
+        c = self.cfg
+        pre = c.do_layer_norm_before
+        B, T, _ = x.shape
+        h = self._ln(x, w, "ln1") if pre else x
+        q, k, v = (linear(h, w[f"w{p}"], w.get(f"b{p}")).view(B, T, c.num_heads, c.head_dim)
+                   .transpose(1, 2) for p in "qkv")
+        o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B, T, -1)
+        x = x + linear(o, w["wo"], w.get("bo"))
+        if not pre:
+            x = self._ln(x, w, "ln1")
+        h = self._ln(x, w, "ln2") if pre else x
+        x = x + linear(self.act(linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
+        return x if pre else self._ln(x, w, "ln2")
+
+    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        if self.has_final_norm:
+            x = self._ln(x, w, "norm")
+        if self.projected:
+            x = linear(x, w["proj_out"])
+        return linear(x, w["lm_head"])

@@ -1,0 +1,1 @@
+"""Reading checkpoints: GGUF files, Hugging Face safetensors dirs, dummy weights."""
