@@ -7,8 +7,9 @@ different field values here.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from .errors import CheckpointError, ModelNotFoundError, UnknownModelError
@@ -84,19 +85,9 @@ class ModelConfig:
         return self.max_position
 
     def num_params(self) -> int:
-        """Parameter count (weights only), for memory planning and messages."""
-        h, d, f, v = self.hidden_size, self.head_dim, self.ffn_dim, self.vocab_size
-        q, kv = self.num_heads * d, self.num_kv_heads * d
-        if self.family == "opt":
-            e = self.word_embed_proj_dim
-            layer = h * (q + 2 * kv) + (q + 2 * kv) + q * h + h + 4 * h + 2 * h * f + f + h
-            proj = 2 * h * e if e != h else 0
-            return self.num_layers * layer + v * e + (self.max_position + 2) * h + proj + 2 * h
-        layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
-        if self.qkv_bias:
-            layer += q + 2 * kv
-        head = 0 if self.tie_word_embeddings else v * h
-        return self.num_layers * layer + v * h + head + h
+        """Parameter count, from the family's own weight shapes (tied heads counted once)."""
+        from .models import get_model
+        return sum(math.prod(s) for g in get_model(self).shapes().values() for s in g.values())
 
     # ------------------------------------------------------------ constructors
     @classmethod

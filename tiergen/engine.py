@@ -36,6 +36,11 @@ class MicroBatch:
     generators: list[torch.Generator] | None = None
 
 
+def prompt_positions(mb: MicroBatch, width: int) -> torch.Tensor:
+    """Position ids of a left-padded prompt: real tokens count from 0, so padding never shifts them."""
+    return (mb.key_valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+
+
 class Engine:
     def __init__(self, model: Model, weights: WeightStore, device: torch.device,
                  dtype: torch.dtype, schedule: str = "zigzag"):
@@ -88,11 +93,7 @@ class Engine:
     # ------------------------------------------------------------- generation
     def prefill(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """Prompt pass; returns next-token logits [B,V] per micro-batch."""
-        positions = []
-        for mb, x in zip(mbs, ids):
-            # Position ids count real tokens only, so padding never shifts them.
-            valid = mb.key_valid[:, :x.shape[1]].long()
-            positions.append((valid.cumsum(-1) - 1).clamp(min=0))
+        positions = [prompt_positions(mb, x.shape[1]) for mb, x in zip(mbs, ids)]
         hidden = self.forward(mbs, ids, positions)
         return [self.logits(h[:, -1:])[:, 0] for h in hidden]
 
@@ -145,7 +146,7 @@ class Engine:
         built = [self.new_micro_batch(seqs, 0) for seqs in seqs_per_mb]
         mbs = [m for m, _ in built]
         ids = [x for _, x in built]
-        positions = [(mb.key_valid.long().cumsum(-1) - 1).clamp(min=0) for mb in mbs]
+        positions = [prompt_positions(mb, x.shape[1]) for mb, x in zip(mbs, ids)]
         hidden = self.forward(mbs, ids, positions)
         for mb, x, h in zip(mbs, ids, hidden):
             for r, s in enumerate(mb.seqs):

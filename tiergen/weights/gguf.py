@@ -401,6 +401,8 @@ def dequantize(raw: np.ndarray, ggml_type: int, numel: int,
     new flat tensor of ``dtype``. Results equal ``gguf.quants.dequantize``."""
     # The file map is writable (copy-on-write); a read-only array is copied
     # because torch cannot wrap one safely.
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
     src = torch.from_numpy(raw if raw.flags.writeable else raw.copy())
     if ggml_type in _PLAIN:
         return src.view(_PLAIN[ggml_type]).to(dtype, copy=True)

@@ -1,0 +1,68 @@
+"""Sampler: filtering never admits a token outside top-k / top-p; seeds reproduce."""
+import torch
+
+from tiergen import LLM, SamplingParams
+from tiergen.sampling import filter_logits, make_generators, sample
+
+
+def allowed_set(logits: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """Reference: the top-k tokens, then the smallest prefix by probability reaching top_p."""
+    order = torch.argsort(logits, descending=True).tolist()
+    if top_k:
+        order = order[:top_k]
+    probs = torch.softmax(logits[order].double(), -1).tolist()
+    keep, total = [], 0.0
+    for tok, p in zip(order, probs):
+        keep.append(tok)
+        total += p
+        if total >= top_p:
+            break
+    return set(keep)
+
+
+def test_filter_matches_reference_sets():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        logits = torch.randn(3, 40, generator=g) * 3
+        top_k = [0, 1, 5, 17][trial % 4]
+        top_p = [1.0, 0.9, 0.5, 0.1, 0.99][trial % 5]
+        kept = filter_logits(logits, top_k, top_p)
+        for r in range(3):
+            got = set(torch.nonzero(torch.isfinite(kept[r])).flatten().tolist())
+            assert got == allowed_set(logits[r] / 1.0, top_k, top_p), (trial, r)
+
+
+def test_samples_stay_inside_top_k_and_top_p():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 50, generator=g) * 2
+    for top_k, top_p in [(5, 1.0), (0, 0.6), (10, 0.8), (1, 1.0)]:
+        params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, seed=3)
+        gens = make_generators(params, list(range(4)))
+        scaled = logits / params.temperature
+        allowed = [allowed_set(scaled[r], top_k, top_p) for r in range(4)]
+        for _ in range(200):
+            toks = sample(logits, params, gens).tolist()
+            assert all(t in allowed[r] for r, t in enumerate(toks))
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(sample(logits, SamplingParams(), None), logits.argmax(-1))
+
+
+def test_seeded_generation_is_reproducible_and_batch_invariant(hf_model_dirs):
+    _, path = hf_model_dirs("llama_gqa")
+    prompts = [[1, 5, 9, 11], [1, 7], [3, 4, 5, 6, 7, 8]]
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    a = LLM(path, dtype="float32", batch_size=4)
+    first = [o.token_ids for o in a.generate(prompt_token_ids=prompts, params=params)]
+    again = [o.token_ids for o in a.generate(prompt_token_ids=prompts, params=params)]
+    assert first == again
+    b = LLM(path, dtype="float32", batch_size=1)
+    assert [o.token_ids for o in b.generate(prompt_token_ids=prompts, params=params)] == first
+    other = [o.token_ids for o in a.generate(prompt_token_ids=prompts,
+                                               params=SamplingParams(**{**params.__dict__, "seed": 99}))]
+    assert other != first
+    greedy = [o.token_ids for o in a.generate(prompt_token_ids=prompts,
+                                                params=SamplingParams(max_new_tokens=16, ignore_eos=True))]
+    assert greedy != first, "sampling at temperature 1 should leave the greedy path"
