@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -40,10 +41,6 @@ _BLOCK_SIZES: dict[int, tuple[int, int]] = {
     I8: (1, 1), I16: (1, 2), I32: (1, 4), I64: (1, 8),
     Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q6_K: (256, 210),
 }
-
-# Plain (unblocked) types: the bytes reinterpreted, then converted by torch.
-_PLAIN = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16, F64: torch.float64,
-          I8: torch.int8, I16: torch.int16, I32: torch.int32, I64: torch.int64}
 
 # Metadata value types (gguf spec).
 _STRING, _ARRAY = 8, 9
@@ -319,109 +316,203 @@ class GGUFFile:
 
 
 # -------------------------------------------------------------- dequantizing
-def _half(b: torch.Tensor, col: int) -> torch.Tensor:
-    """The fp16 at byte column ``col`` of every block, as float32 of shape (n, 1)."""
-    return b[:, col:col + 2].view(torch.float16).float()
+# Kernels are numpy, not torch, on purpose: torch's elementwise ops fork into
+# OpenMP regions whose threads spin-wait, and on a busy 2-core machine that
+# turned a 0.3 s model decode into 10-30 s. numpy releases the GIL and never
+# spins, so chunks run on a small thread pool instead.
+#
+# Each kernel decodes ``b`` (n blocks of raw bytes, uint8 (n, type_size)) into
+# ``out`` (float32 (n, block_size)), with the same float32 operations, in the
+# same order, as gguf.quants, so results are bit-identical.
+Kernel = Callable[[np.ndarray, np.ndarray], None]
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """(n, k) packed bytes -> (n, 2k): all low nibbles, then all high nibbles
-    (the ggml order for 32-element blocks)."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=1)
+def _half(b: np.ndarray, col: int) -> np.ndarray:
+    """The fp16 at byte column ``col`` of every block, as float32 (n, 1)."""
+    return b[:, col:col + 2].view(np.float16).astype(np.float32)
 
 
-def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    # block: fp16 d, 32 x int8 q; x = q * d
-    return b[:, 2:].view(torch.int8).float() * _half(b, 0)
+def _k_f32(b: np.ndarray, out: np.ndarray) -> None:
+    out[:] = b.view(np.float32)
 
 
-def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
-    # block: fp16 d, 16 bytes of 4-bit q; x = (q - 8) * d
-    q = _nibbles(b[:, 2:]).float().sub_(8.0)
-    return q.mul_(_half(b, 0))
+def _k_f16(b: np.ndarray, out: np.ndarray) -> None:
+    out[:] = b.view(np.float16)
 
 
-def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
-    # block: fp16 d, fp16 m, 16 bytes of 4-bit q; x = q * d + m
-    q = _nibbles(b[:, 4:]).float()
-    return q.mul_(_half(b, 0)).add_(_half(b, 2))
+def _k_bf16(b: np.ndarray, out: np.ndarray) -> None:
+    bits = out.view(np.uint32)  # bf16 is the top half of a float32
+    bits[:] = b.view(np.uint16)
+    bits <<= 16
 
 
-def _q4k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpack the 12 scale bytes of a Q4_K super-block into 8 six-bit scales
-    and 8 six-bit mins. Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2
-    bits of scales 4-7; bytes 4-7 the same for mins; bytes 8-11 hold the low
-    4 bits of scales 4-7 (low nibble) and of mins 4-7 (high nibble)."""
+def _k_q8_0(b: np.ndarray, out: np.ndarray) -> None:
+    # block of 32: fp16 d, 32 x int8 q; x = q * d
+    np.multiply(b[:, 2:].view(np.int8), _half(b, 0), out=out)
+
+
+def _unpack_nibbles(qs: np.ndarray, out: np.ndarray) -> None:
+    """16 packed bytes per block -> 32 values: low nibbles, then high ones."""
+    out[:, :16] = qs & 0x0F
+    out[:, 16:] = qs >> 4
+
+
+def _k_q4_0(b: np.ndarray, out: np.ndarray) -> None:
+    # block of 32: fp16 d, 16 bytes of 4-bit q; x = (q - 8) * d
+    _unpack_nibbles(b[:, 2:], out)
+    out -= 8.0
+    out *= _half(b, 0)
+
+
+def _k_q4_1(b: np.ndarray, out: np.ndarray) -> None:
+    # block of 32: fp16 d, fp16 m, 16 bytes of 4-bit q; x = q * d + m
+    _unpack_nibbles(b[:, 4:], out)
+    out *= _half(b, 0)
+    out += _half(b, 2)
+
+
+def _q4k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 scale bytes of a Q4_K super-block -> 8 six-bit scales and 8
+    six-bit mins. Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of
+    scales 4-7; bytes 4-7 the same for mins; bytes 8-11 hold the low 4 bits of
+    scales 4-7 (low nibble) and of mins 4-7 (high nibble)."""
     a, m, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    scale = torch.cat((a & 63, (c & 0x0F) | ((a >> 6) << 4)), dim=1)
-    mins = torch.cat((m & 63, (c >> 4) | ((m >> 6) << 4)), dim=1)
+    scale = np.concatenate((a & 63, (c & 0x0F) | ((a >> 6) << 4)), axis=1)
+    mins = np.concatenate((m & 63, (c >> 4) | ((m >> 6) << 4)), axis=1)
     return scale, mins
 
 
-def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
-    # super-block of 256: fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of 4-bit q.
-    # Sub-block j (32 values) is x = d*scale_j * q - dmin*min_j; the q bytes
-    # come in 4 runs of 32, low nibbles being sub-block 2r, high ones 2r+1.
+def _k_q4_k(b: np.ndarray, out: np.ndarray) -> None:
+    # super-block of 256: fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of 4-bit
+    # q. Sub-block j (32 values) is x = (d*scale_j) * q - dmin*min_j; the q
+    # bytes come in 4 runs of 32: low nibbles are sub-block 2r, high ones 2r+1.
     n = b.shape[0]
     scale, mins = _q4k_scales(b[:, 4:16])
-    d = (_half(b, 0) * scale.float()).unsqueeze(-1)
-    dm = (_half(b, 2) * mins.float()).unsqueeze(-1)
-    qs = b[:, 16:].reshape(n, 4, 1, 32)
-    q = torch.cat((qs & 0x0F, qs >> 4), dim=2).reshape(n, 8, 32).float()
-    return q.mul_(d).sub_(dm).reshape(n, 256)
+    qs = b[:, 16:].reshape(n, 4, 32)
+    sub = out.reshape(n, 8, 32)
+    sub[:, 0::2] = qs & 0x0F
+    sub[:, 1::2] = qs >> 4
+    sub *= (_half(b, 0) * scale.astype(np.float32))[:, :, None]
+    sub -= (_half(b, 2) * mins.astype(np.float32))[:, :, None]
 
 
-def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
-    # super-block of 256: 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8
-    # scales (one per 16 values), fp16 d; x = d*scale * (q - 32).
-    # Each 128-value half uses 64 low bytes and 32 high bytes: value i of
-    # quarter k takes nibble (k >= 2) of low byte i + 32*(k % 2) and bits
-    # 2k..2k+1 of high byte i.
+_Q6K_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+
+
+def _k_q6_k(b: np.ndarray, out: np.ndarray) -> None:
+    # super-block of 256: 128 bytes of low 4 bits, 64 bytes of high 2 bits,
+    # 16 int8 scales (one per 16 values), fp16 d; x = (d*scale) * (q - 32).
+    # In each 128-value half, quarter k's value i takes the low (k < 2) or high
+    # nibble of low byte i + 32*(k % 2), and bits 2k..2k+1 of high byte i.
     n = b.shape[0]
-    ql = b[:, 0:128].reshape(n, 2, 1, 64)
+    ql = b[:, 0:128].reshape(n, 2, 2, 32)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    low = torch.cat((ql & 0x0F, ql >> 4), dim=2).reshape(n, 2, 128)
-    high = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2).reshape(n, 2, 128)
-    q = (low | (high << 4)).reshape(n, 16, 16).float().sub_(32.0)
-    d = (_half(b, 208) * b[:, 192:208].view(torch.int8).float()).unsqueeze(-1)
-    return q.mul_(d).reshape(n, 256)
+    q = np.empty((n, 2, 4, 32), dtype=np.uint8)
+    q[:, :, 0:2] = ql & 0x0F
+    q[:, :, 2:4] = ql >> 4
+    q |= ((qh >> _Q6K_SHIFTS) & 3) << 4
+    out[:] = q.reshape(n, 256)
+    out -= 32.0
+    scale = _half(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)
+    out.reshape(n, 16, 16)[:] *= scale[:, :, None]
 
 
-_DEQUANT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
-    Q8_0: _dq_q8_0, Q4_0: _dq_q4_0, Q4_1: _dq_q4_1, Q4_K: _dq_q4_k, Q6_K: _dq_q6_k,
+# type id -> kernel; the block sizes are in _BLOCK_SIZES.
+_KERNELS: dict[int, Kernel] = {
+    F32: _k_f32, F16: _k_f16, BF16: _k_bf16,
+    Q8_0: _k_q8_0, Q4_0: _k_q4_0, Q4_1: _k_q4_1, Q4_K: _k_q4_k, Q6_K: _k_q6_k,
 }
+_INTEGER = {I8: torch.int8, I16: torch.int16, I32: torch.int32, I64: torch.int64}
+_SAME_BITS = {(F32, torch.float32), (F16, torch.float16), (BF16, torch.bfloat16)}
 
-# Blocks per chunk: about 256k values, so each op's temporaries stay in cache.
-_CHUNK_VALUES = 1 << 18
+
+def _store_bf16(src: np.ndarray, dst: np.ndarray) -> None:
+    """float32 -> bfloat16 bits, rounding to nearest even as torch does."""
+    u = src.view(np.uint32)
+    r = (u >> 16) & 1
+    r += 0x7FFF
+    r += u
+    r >>= 16
+    np.copyto(dst, r, casting="unsafe")
+    nan = np.isnan(src)
+    if nan.any():
+        dst[nan] = 0x7FC0
+
+
+def _store(src: np.ndarray, dst: np.ndarray) -> None:
+    """Write float32 values into the destination's numpy view."""
+    if dst.dtype == np.uint16:  # a bfloat16 tensor seen as its bits
+        _store_bf16(src, dst)
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a flat float tensor (bfloat16 as uint16 bits)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype not in (torch.float32, torch.float16, torch.float64):
+        raise TypeError(f"cannot dequantize to {t.dtype}; use a floating dtype")
+    return t.numpy()
+
+
+_CHUNK_VALUES = 1 << 18   # values per task: temporaries stay in cache
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel(task: Callable[[int, int], None], total: int, step: int) -> None:
+    """Run ``task(start, stop)`` over [0, total) in steps, on the pool."""
+    global _POOL
+    if total <= step:
+        task(0, total)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                   thread_name_prefix="tiergen-dequant")
+    jobs = [_POOL.submit(task, i, min(i + step, total)) for i in range(0, total, step)]
+    for job in jobs:
+        job.result()
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, numel: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode ``raw`` (uint8 bytes of ``numel`` values of ``ggml_type``) into a
-    new flat tensor of ``dtype``. Results equal ``gguf.quants.dequantize``."""
-    # The file map is writable (copy-on-write); a read-only array is copied
-    # because torch cannot wrap one safely.
-    if numel == 0:
-        return torch.empty(0, dtype=dtype)
-    src = torch.from_numpy(raw if raw.flags.writeable else raw.copy())
-    if ggml_type in _PLAIN:
-        return src.view(_PLAIN[ggml_type]).to(dtype, copy=True)
-    fn = _DEQUANT.get(ggml_type)
-    if fn is None:
-        return _dequantize_fallback(raw, ggml_type, numel, dtype)
-    block, type_size = _BLOCK_SIZES[ggml_type]
-    blocks = src.view(-1, type_size)
+    """Decode ``raw`` (the uint8 bytes of ``numel`` values of ``ggml_type``)
+    into a new flat tensor of ``dtype``. Results equal ``gguf.quants.dequantize``
+    (then ``.to(dtype)``)."""
     out = torch.empty(numel, dtype=dtype)
-    step = max(1, _CHUNK_VALUES // block)
-    for i in range(0, blocks.shape[0], step):
-        chunk = blocks[i:i + step]
-        # copy_ casts float32 -> dtype without a whole-tensor float32 copy.
-        out[i * block:(i + chunk.shape[0]) * block].copy_(fn(chunk).reshape(-1))
+    if numel == 0:
+        return out
+    if ggml_type in _INTEGER:
+        src = raw.view(np.dtype(str(_INTEGER[ggml_type]).replace("torch.", "")))
+        return torch.from_numpy(src.copy()).to(dtype)
+    dst = _numpy_view(out)
+    if (ggml_type, dtype) in _SAME_BITS:
+        dst.view(np.uint8)[:] = raw  # stored as wanted: a plain copy
+        return out
+    kernel = _KERNELS.get(ggml_type)
+    if kernel is None:
+        values = _dequantize_fallback(raw, ggml_type, numel)
+        _parallel(lambda a, b: _store(values[a:b], dst[a:b]), numel, _CHUNK_VALUES)
+        return out
+    block, type_size = _BLOCK_SIZES[ggml_type]
+    blocks = raw.reshape(-1, type_size)
+    direct = dst.dtype == np.float32
+
+    def task(a: int, b: int) -> None:
+        target = dst[a * block:b * block].reshape(b - a, block)
+        if direct:
+            kernel(blocks[a:b], target)
+        else:
+            scratch = np.empty((b - a, block), dtype=np.float32)
+            kernel(blocks[a:b], scratch)
+            _store(scratch, target)
+
+    _parallel(task, blocks.shape[0], max(1, _CHUNK_VALUES // block))
     return out
 
 
-def _dequantize_fallback(raw: np.ndarray, ggml_type: int, numel: int,
-                         dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_fallback(raw: np.ndarray, ggml_type: int, numel: int) -> np.ndarray:
+    """Types we have no kernel for: the gguf package's numpy decoder."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
@@ -429,7 +520,7 @@ def _dequantize_fallback(raw: np.ndarray, ggml_type: int, numel: int,
         values = gguf_dequantize(raw, GGMLQuantizationType(ggml_type))
     except (NotImplementedError, ValueError) as e:
         raise CheckpointError(f"cannot dequantize ggml type {ggml_type_name(ggml_type)}: {e}") from None
-    return torch.from_numpy(np.ascontiguousarray(values).reshape(numel)).to(dtype)
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(numel)
 
 
 # --------------------------------------------------- Hugging Face names/layout
