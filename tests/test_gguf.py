@@ -86,6 +86,28 @@ def test_dequant_matches_gguf_on_random_blocks(qtype: QT, half_cols: tuple[int, 
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dequant_to_other_dtypes_rounds_like_torch(dtype: torch.dtype) -> None:
+    # Ties, overflow, signed zero, subnormals, infinities: our float32 -> dtype
+    # store must round exactly as torch's own conversion does.
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 1e-40, -1e-42, 3.4e38, -3.4e38, np.inf, -np.inf, 65520.0,
+                        1.00390625, 1.01171875, -1.00390625, 6e-8, 1e-7], dtype=np.float32)
+    data = np.concatenate([special, rng.standard_normal(300_000).astype(np.float32) * 1e3])
+    raw = data.view(np.uint8)
+    ours = dequantize(raw, int(QT.F32), data.size, dtype)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, torch.from_numpy(data).to(dtype))
+
+
+def test_dequant_same_type_is_a_copy() -> None:
+    data = np.arange(100, dtype=np.float16)
+    raw = data.view(np.uint8)
+    ours = dequantize(raw, int(QT.F16), data.size, torch.float16)
+    assert torch.equal(ours, torch.from_numpy(data))
+    assert not np.shares_memory(ours.numpy(), data)
+
+
 def test_dequant_accepts_read_only_arrays() -> None:
     data = np.linspace(-1, 1, 64, dtype=np.float32)
     raw = np.ascontiguousarray(gguf.quants.quantize(data, QT.Q8_0)).view(np.uint8).reshape(-1)
@@ -139,6 +161,19 @@ def test_round_trip_tensors_and_metadata(tmp_path: Path) -> None:
         assert np.shares_memory(raw, f.raw("c"))  # a view of the mapping, not a copy
         with pytest.raises(KeyError):
             f.load("missing")
+
+
+def test_concurrent_loads_agree(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    big = gguf.quants.quantize(rng.standard_normal((64, 32 * 1024)).astype(np.float32), QT.Q4_0)
+    path = write_gguf(tmp_path / "big.gguf", tensors={f"t{i}": (big, QT.Q4_0) for i in range(4)})
+    with GGUFFile(path) as f:
+        expect = f.load("t0", torch.bfloat16)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda n: f.load(n, torch.bfloat16), list(f.tensors) * 2))
+    assert all(torch.equal(g, expect) for g in got)
 
 
 def test_load_returns_fresh_memory(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def test_gguf_load_keeps_peak_memory_near_model_size(smollm_path):
     code = ("import resource, torch; from tiergen import LLM; "
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; llm = LLM('smollm2-135m', dtype='float32'); "
             "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "print(base * 1024, peak * 1024, llm.weights.nbytes())")
+            "print(base * 1024, peak * 1024, sum(llm.weights.nbytes_by_tier().values()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     base, peak, size = map(int, out)
     # the mmapped file (98 MB) is also touched; twice the fp32 model would be +1.08 GB

@@ -12,18 +12,21 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, Runtime
 from .models.attention import build_mask
 from .models.base import Model, StepContext, Weights
+from .policy import Policy, split_rows
 from .sampling import SamplingParams, make_generators, sample
-from .schedule import SCHEDULES
+from .schedule import plan
 from .sequence import Sequence, Stopper
 
 
 class WeightStore(Protocol):
     """Hands the engine each weight group on the compute device when it needs it."""
 
-    def group(self, g: str | int) -> Weights: ...
+    def acquire(self, g: str | int) -> None: ...     # start fetching (asynchronously)
+    def group(self, g: str | int) -> Weights: ...    # wait for it on the compute device
+    def release(self, g: str | int) -> None: ...     # done with it for this pass
 
 
 @dataclass
@@ -42,12 +45,12 @@ def prompt_positions(mb: MicroBatch, width: int) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model: Model, weights: WeightStore, device: torch.device,
-                 dtype: torch.dtype, schedule: str = "zigzag"):
-        self.model, self.weights = model, weights
+    def __init__(self, model: Model, weights: WeightStore, rt: Runtime, policy: Policy):
+        self.model, self.weights, self.rt, self.policy = model, weights, rt, policy
         self.cfg = model.cfg
-        self.device, self.dtype = device, dtype
-        self.steps = SCHEDULES[schedule]
+        self.device, self.dtype = rt.device, rt.dtype
+        self._plans: dict[int, list] = {}
+        self._kv_count = 0
 
     # ------------------------------------------------------------- building
     def new_micro_batch(self, seqs: list[Sequence], extra_cols: int) -> tuple[MicroBatch, torch.Tensor]:
@@ -61,7 +64,9 @@ class Engine:
             ids[r, width - n:] = torch.tensor(s.prompt_ids, dtype=torch.long)
             valid[r, width - n:width] = True
         lens = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long)
-        cache = KVCache(self.cfg, B, width + extra_cols, self.dtype, dev)
+        self._kv_count += 1
+        cache = KVCache(self.cfg, B, width + extra_cols, self.dtype, self.rt,
+                        shares=self.policy.shares("cache"), name=f"kv{self._kv_count}")
         mb = MicroBatch(seqs, cache, valid.to(dev), lens.to(dev), col=0)
         return mb, ids.to(dev)
 
@@ -77,18 +82,37 @@ class Engine:
         """Run new tokens ids[k] [B,T] of every micro-batch through all layers;
         returns the last hidden states and advances each cache."""
         ctxs = [self._context(mb, p, x.shape[1]) for mb, p, x in zip(mbs, positions, ids)]
+        self.weights.release("head")
         emb = self.weights.group("embed")
         hidden = [self.model.embed(emb, x, c) for x, c in zip(ids, ctxs)]
-        for step in self.steps(self.cfg.num_layers, len(mbs)):
-            k = step.micro_batch
-            hidden[k] = self.model.layer(self.weights.group(step.layer), hidden[k], ctxs[k],
-                                         mbs[k].cache.layer(step.layer))
+        self.weights.release("embed")
+        self.weights.acquire("head")
+        acts = [Activation(h, self.rt, self.policy) for h in hidden]
+        K = len(mbs)
+        if K not in self._plans:
+            self._plans[K] = plan(self.policy.schedule, self.cfg.num_layers, K, self.policy.overlap)
+        for step in self._plans[K]:
+            j, k = step.layer, step.micro_batch
+            if step.op == "load_weight":
+                self.weights.acquire(j)
+            elif step.op == "load_cache":
+                mbs[k].cache.layer(j).prefetch(mbs[k].col, ids[k].shape[1])
+            elif step.op == "compute":
+                out = self.model.layer(self.weights.group(j), acts[k].get(), ctxs[k], mbs[k].cache.layer(j))
+                acts[k].put(out)
+            elif step.op == "release_weight":
+                self.weights.release(j)
         for mb, x in zip(mbs, ids):
             mb.col += x.shape[1]
-        return hidden
+        return [a.take() for a in acts]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.head(self.weights.group("head"), hidden).float()
+
+    def finish(self, mbs: list[MicroBatch]) -> None:
+        self.weights.release("head")
+        for mb in mbs:
+            mb.cache.close()
 
     # ------------------------------------------------------------- generation
     def prefill(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,15 +154,18 @@ class Engine:
         mbs = [m for m, _ in built]
         for mb in mbs:
             mb.generators = make_generators(params, [s.index for s in mb.seqs])
-        tokens = self.sample_next(mbs, self.prefill(mbs, [x for _, x in built]), params, stopper)
-        for _ in range(steps - 1):
+        try:
+            tokens = self.sample_next(mbs, self.prefill(mbs, [x for _, x in built]), params, stopper)
+            for _ in range(steps - 1):
+                if on_token:
+                    on_token()
+                if all(s.done for mb in mbs for s in mb.seqs):
+                    break
+                tokens = self.sample_next(mbs, self.decode_step(mbs, tokens), params, stopper)
             if on_token:
                 on_token()
-            if all(s.done for mb in mbs for s in mb.seqs):
-                break
-            tokens = self.sample_next(mbs, self.decode_step(mbs, tokens), params, stopper)
-        if on_token:
-            on_token()
+        finally:
+            self.finish(mbs)
 
     # ------------------------------------------------------------- scoring
     def token_logprobs(self, seqs_per_mb: list[list[Sequence]]) -> Iterable[tuple[Sequence, torch.Tensor]]:
@@ -147,7 +174,14 @@ class Engine:
         mbs = [m for m, _ in built]
         ids = [x for _, x in built]
         positions = [prompt_positions(mb, x.shape[1]) for mb, x in zip(mbs, ids)]
-        hidden = self.forward(mbs, ids, positions)
+        try:
+            hidden = self.forward(mbs, ids, positions)
+            yield from self._gather_logprobs(mbs, ids, hidden)
+        finally:
+            self.finish(mbs)
+
+    def _gather_logprobs(self, mbs: list[MicroBatch], ids: list[torch.Tensor],
+                         hidden: list[torch.Tensor]) -> Iterable[tuple[Sequence, torch.Tensor]]:
         for mb, x, h in zip(mbs, ids, hidden):
             for r, s in enumerate(mb.seqs):
                 n = len(s.prompt_ids)
@@ -158,3 +192,47 @@ class Engine:
                 lp = self.logits(row)[0].log_softmax(-1)
                 target = x[r, x.shape[1] - n + 1:]
                 yield s, lp.gather(-1, target[:, None])[:, 0].cpu()
+
+
+class Activation:
+    """A micro-batch's hidden state between layers, homed per the policy's
+    activation shares: host-homed rows are parked in host RAM between computes."""
+
+    def __init__(self, h: torch.Tensor, rt: Runtime, policy: Policy):
+        self.rt = rt
+        g, c, d = split_rows(h.shape[0], policy.shares("act"))
+        self.split = g
+        self.host_rows = c + d
+        self.value: torch.Tensor | None = None
+        self.parked: torch.Tensor | None = None
+        row = h[:1].nbytes
+        self.bytes = {"gpu": g * row, "cpu": (c + d) * row}
+        for tier, n in self.bytes.items():
+            if n:
+                rt.tiers[tier].alloc(n, "activations")
+        self.put(h)
+
+    def put(self, h: torch.Tensor) -> None:
+        if self.host_rows and self.rt.mover.cuda:
+            self.parked = h[self.split:].to("cpu", non_blocking=False)
+            self.rt.tiers.links.add("gpu->cpu", self.parked.nbytes)
+            self.value = h[:self.split]
+        else:
+            # without a GPU, host-homed rows already sit in host memory
+            self.value = h
+
+    def get(self) -> torch.Tensor:
+        if self.parked is None:
+            return self.value
+        back, _ = self.rt.mover.to_compute(self.parked, "cpu->gpu")
+        torch.cuda.current_stream().wait_stream(self.rt.mover.load_stream)
+        self.parked = None
+        return torch.cat([self.value, back], 0)
+
+    def take(self) -> torch.Tensor:
+        out = self.get()
+        for tier, n in self.bytes.items():
+            if n:
+                self.rt.tiers[tier].free(n)
+        self.bytes = {}
+        return out

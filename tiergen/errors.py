@@ -24,3 +24,11 @@ class PromptTooLongError(TiergenError, ValueError):
 
 class InvalidRequestError(TiergenError, ValueError):
     """Bad generation arguments: sampling parameters, prompts, dtype/device."""
+
+
+class DiskFullError(TiergenError, OSError):
+    """The offload directory's file system has no room for what must go there."""
+
+
+class PolicyDoesNotFitError(TiergenError, MemoryError):
+    """A placement policy whose tensors exceed a tier's byte budget."""

@@ -7,13 +7,19 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from .disk import IOPool, OffloadDir
 from .engine import Engine
 from .errors import InvalidRequestError, PromptTooLongError
+from .kv_cache import Runtime
+from .memory_plan import block_demand, weight_demand
 from .models import get_model
+from .policy import Policy
 from .sampling import SamplingParams
 from .sequence import Output, Sequence, Stopper
+from .tiers import Tiers, parse_bytes
+from .transfer import Mover
 from .weights.source import resolve
-from .weights.store import ResidentWeights
+from .weights.tiered import TieredWeights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -65,23 +71,60 @@ class LLM:
 
     ``model``: a known name (``smollm2-135m`` is the embedded default), a HF model
     dir, a ``.gguf`` file or a Hub id in the local cache. ``dummy=True`` gives random
-    weights of the model's shape. ``batch_size`` sequences share one micro-batch.
+    weights of the model's shape. ``policy`` places weights, KV cache and activations
+    over the compute device, host RAM and disk (default: everything resident, in
+    micro-batches of ``batch_size``); ``gpu_mem`` / ``cpu_mem`` / ``disk`` are the
+    tiers' byte budgets (default: what the machine has free).
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, dummy: bool = False, seed: int = 0,
-                 batch_size: int = 32, num_micro_batches: int = 1, schedule: str = "zigzag"):
-        if batch_size < 1 or num_micro_batches < 1:
-            raise InvalidRequestError("batch_size and num_micro_batches must be >= 1")
+                 policy: Policy | None = None, batch_size: int = 32, num_micro_batches: int = 1,
+                 schedule: str = "zigzag", offload_dir: str | None = None,
+                 gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
+                 disk: int | str | None = None, io_threads: int = 4):
+        if policy is None:
+            policy = Policy(gpu_batch_size=batch_size, num_gpu_batches=num_micro_batches, schedule=schedule)
+        elif not isinstance(policy, Policy):
+            raise InvalidRequestError(f"policy must be a tiergen.Policy, got {type(policy).__name__}")
+        self.policy = policy
+        self.batch_size, self.num_micro_batches = policy.gpu_batch_size, policy.num_gpu_batches
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         source = resolve(model, dummy=dummy, seed=seed)
         self.config = source.config
         self.model = get_model(self.config)
-        self.weights = ResidentWeights(source, self.model, self.dtype, self.device)
-        self.tokenizer = source.tokenizer()
-        self.engine = Engine(self.model, self.weights, self.device, self.dtype, schedule=schedule)
-        self.batch_size, self.num_micro_batches = batch_size, num_micro_batches
+        self.tiers = Tiers(self.device, parse_bytes(gpu_mem), parse_bytes(cpu_mem), parse_bytes(disk),
+                           offload_dir)
+        # Refuse a policy that cannot fit before a single weight is read.
+        self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device))
+        needs_disk = policy.w_gpu_percent + policy.w_cpu_percent < 100 or \
+            policy.cache_gpu_percent + policy.cache_cpu_percent < 100
+        self.offload = OffloadDir(offload_dir) if needs_disk else None
+        self.io = IOPool(io_threads)
+        mover = Mover(self.device, self.tiers.links)
+        self.runtime = Runtime(self.device, self.dtype, self.tiers, mover, self.io, self.offload,
+                               cpu_attention=policy.cpu_attention)
+        try:
+            self.weights = TieredWeights(source, self.model, self.dtype, self.device, policy.shares("w"),
+                                         self.tiers, self.offload, self.io, mover, pin=policy.pin_weight)
+            self.tokenizer = source.tokenizer()
+        except BaseException:
+            self.close()
+            raise
+        self.engine = Engine(self.model, self.weights, self.runtime, policy)
+
+    def close(self) -> None:
+        """Remove offload files now (they are also removed at exit and on SIGTERM/SIGINT)."""
+        self.io.shutdown()
+        if self.offload is not None:
+            self.offload.close()
+
+    def memory_report(self) -> dict[str, Any]:
+        """Per-tier budget / current / peak bytes, bytes moved per link, weight bytes per tier."""
+        rep = self.tiers.report()
+        rep["weights"] = self.weights.nbytes_by_tier()
+        return rep
 
     # ------------------------------------------------------------- tokens
     def _need_tokenizer(self) -> Any:
@@ -120,6 +163,13 @@ class LLM:
         for i in range(0, len(mb), self.num_micro_batches):
             yield mb[i:i + self.num_micro_batches]
 
+    def _check_block_fits(self, blocks: list[list[list[Sequence]]], new_tokens: int) -> None:
+        """Refuse, before any work, a block whose cache and activations overflow a tier."""
+        width = max(len(s.prompt_ids) for b in blocks for mb in b for s in mb)
+        rows = max(len(mb) for b in blocks for mb in b)
+        self.tiers.check_fits(block_demand(self.config, self.dtype, self.policy, self.device,
+                                           rows, len(blocks[0]), width, new_tokens))
+
     # ------------------------------------------------------------- generate
     @torch.inference_mode()
     def generate(self, prompts: Prompt | Seq[Prompt] | None = None,
@@ -142,7 +192,9 @@ class LLM:
         seqs = [Sequence(i, p, min(params.max_new_tokens, ctx - len(p))) for i, p in enumerate(ids)]
         stopper = Stopper(params, self.config.eos_token_ids, self.tokenizer)
         bar = _progress(progress, sum(s.limit for s in seqs), "generate")
-        for block in self._blocks(seqs):
+        blocks = list(self._blocks(seqs))
+        self._check_block_fits(blocks, max(s.limit for s in seqs))
+        for block in blocks:
             n = sum(len(m) for m in block)
             self.engine.generate_block(block, params, stopper, on_token=(lambda: bar.update(n)) if bar else None)
         if bar:
@@ -158,7 +210,9 @@ class LLM:
         self._check_ids(ids, room=0)
         seqs = [Sequence(i, p, 0) for i, p in enumerate(ids)]
         out: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)
-        for block in self._blocks(seqs):
+        blocks = list(self._blocks(seqs))
+        self._check_block_fits(blocks, 0)
+        for block in blocks:
             for s, lp in self.engine.token_logprobs(block):
                 out[s.index] = lp
         return out

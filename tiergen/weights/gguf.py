@@ -1,6 +1,6 @@
 """A GGUF reader of our own: header, metadata and tensor index parsed with
 ``struct``, tensor bytes memory-mapped, common ggml block formats dequantized
-with vectorized torch ops, and a streaming view under Hugging Face names.
+with vectorized numpy kernels, and a streaming view under Hugging Face names.
 
 Why not ``gguf.GGUFReader``: it builds one numpy view per vocabulary string,
 which costs seconds on a 49k-token vocab; a tight struct loop takes tens of ms,
@@ -17,6 +17,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -422,7 +423,7 @@ _KERNELS: dict[int, Kernel] = {
     F32: _k_f32, F16: _k_f16, BF16: _k_bf16,
     Q8_0: _k_q8_0, Q4_0: _k_q4_0, Q4_1: _k_q4_1, Q4_K: _k_q4_k, Q6_K: _k_q6_k,
 }
-_INTEGER = {I8: torch.int8, I16: torch.int16, I32: torch.int32, I64: torch.int64}
+_INTEGER = {I8: "<i1", I16: "<i2", I32: "<i4", I64: "<i8"}
 _SAME_BITS = {(F32, torch.float32), (F16, torch.float16), (BF16, torch.bfloat16)}
 
 
@@ -444,7 +445,8 @@ def _store(src: np.ndarray, dst: np.ndarray) -> None:
     if dst.dtype == np.uint16:  # a bfloat16 tensor seen as its bits
         _store_bf16(src, dst)
     else:
-        np.copyto(dst, src, casting="unsafe")
+        with np.errstate(over="ignore"):  # float16 overflows to inf, as in torch
+            np.copyto(dst, src, casting="unsafe")
 
 
 def _numpy_view(t: torch.Tensor) -> np.ndarray:
@@ -458,6 +460,7 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
 
 _CHUNK_VALUES = 1 << 18   # values per task: temporaries stay in cache
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _parallel(task: Callable[[int, int], None], total: int, step: int) -> None:
@@ -466,9 +469,10 @@ def _parallel(task: Callable[[int, int], None], total: int, step: int) -> None:
     if total <= step:
         task(0, total)
         return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                   thread_name_prefix="tiergen-dequant")
+    with _POOL_LOCK:  # loads may run on several I/O threads at once
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                       thread_name_prefix="tiergen-dequant")
     jobs = [_POOL.submit(task, i, min(i + step, total)) for i in range(0, total, step)]
     for job in jobs:
         job.result()
@@ -483,8 +487,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, numel: int,
     if numel == 0:
         return out
     if ggml_type in _INTEGER:
-        src = raw.view(np.dtype(str(_INTEGER[ggml_type]).replace("torch.", "")))
-        return torch.from_numpy(src.copy()).to(dtype)
+        return torch.from_numpy(raw.view(_INTEGER[ggml_type]).copy()).to(dtype)
     dst = _numpy_view(out)
     if (ggml_type, dtype) in _SAME_BITS:
         dst.view(np.uint8)[:] = raw  # stored as wanted: a plain copy

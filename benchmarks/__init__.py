@@ -1,0 +1,1 @@
+"""Benchmark scripts that compare tiergen with other systems (not installed)."""

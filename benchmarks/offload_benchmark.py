@@ -1,0 +1,383 @@
+"""tiergen vs Hugging Face Accelerate disk offload under one memory cap, in one run.
+
+Every run (the roofline probe, each Accelerate batch size, each tiergen
+policy) is a fresh process in its own cgroup v1 memory cgroup capped at
+``--mem-cap`` (RAM + page cache + swap), after the page cache is dropped, so
+a model larger than the cap has to come from the disk again and again.
+
+    python benchmarks/offload_benchmark.py --out /tmp/tiergen-bench/results.json
+    python benchmarks/offload_benchmark.py --quick        # tiny model, smoke test
+
+Prints a markdown table (prefill / decode / total tok/s, peak memory), the
+ratio of the best tiergen to the best Accelerate generation throughput, and
+the roofline per decode step: max(disk bytes / disk bandwidth, FLOPs / matmul
+rate) with the bandwidth and matmul rates measured under the same cap.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import roofline as rl  # noqa: E402
+from benchmarks.cgroup import GiB, available, fmt_bytes, parse_bytes, run_capped  # noqa: E402
+
+DEFAULT_MODEL = "/tmp/tiergen-bench/opt-1.3b-random"
+TINY_MODEL = "/tmp/tiergen-bench/opt-tiny-random"
+
+
+# ---------------------------------------------------------------- helpers
+
+def last_json(text: str) -> dict[str, Any] | None:
+    """The last stdout line that is a JSON object."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def tail(text: str, n: int = 1500) -> str:
+    return text[-n:] if len(text) > n else text
+
+
+def parse_tiergen_batch(spec: str) -> tuple[int, int]:
+    """'16x2' -> (gpu_batch_size 16, num_gpu_batches 2); '8' -> (8, 1)."""
+    b, _, k = spec.lower().partition("x")
+    return int(b), int(k or 1)
+
+
+def tiergen_cmd() -> list[str]:
+    exe = shutil.which("tiergen")
+    return [exe] if exe else [sys.executable, "-m", "tiergen.cli"]
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    vers: dict[str, str] = {"python": platform.python_version()}
+    from importlib.metadata import PackageNotFoundError, version
+    for pkg in ("torch", "transformers", "accelerate", "safetensors", "tiergen"):
+        try:
+            vers[pkg] = version(pkg)
+        except PackageNotFoundError:
+            vers[pkg] = "not installed"
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "kernel": platform.release(),
+            "versions": vers}
+
+
+def capped_entry(r: Any) -> dict[str, Any]:
+    s = r.summary()
+    s.pop("evicted", None)
+    return s
+
+
+# ---------------------------------------------------------------- the runs
+
+def run_probe(a: argparse.Namespace, rows: list[int]) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "roofline.py"), "--probe", "--model-dir", a.model_dir,
+           "--batches", *map(str, rows), "--prompt-len", str(a.prompt_len),
+           "--disk-bytes", str(a.probe_disk_bytes)]
+    r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir], cwd=str(ROOT))
+    res = last_json(r.stdout)
+    print(f"[probe] {r.wall_s:.0f} s, rc {r.returncode}", file=sys.stderr)
+    return {"command": cmd, "capped": capped_entry(r), "result": res,
+            "stderr_tail": None if res else tail(r.stderr)}
+
+
+def run_accelerate(a: argparse.Namespace, batch: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "run_accelerate.py"), "--model-dir", a.model_dir,
+           "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
+           "--cpu-mem", str(a.acc_cpu_mem), "--offload-dir", str(Path(a.offload_dir) / "accelerate")]
+    r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir, a.offload_dir], cwd=str(ROOT))
+    res = last_json(r.stdout)
+    status = "ok" if (r.returncode == 0 and res) else (
+        "oom" if r.oom_killed else "timeout" if r.timed_out else "failed")
+    print(f"[accelerate b={batch}] {status}, {r.wall_s:.0f} s", file=sys.stderr)
+    return {"system": "accelerate", "batch": batch, "policy": f"max_memory cpu={a.acc_cpu_mem}, rest disk",
+            "status": status, "command": cmd, "capped": capped_entry(r), "result": res,
+            "stderr_tail": None if status == "ok" else tail(r.stderr)}
+
+
+def run_tiergen(a: argparse.Namespace, spec: str) -> dict[str, Any]:
+    b, k = parse_tiergen_batch(spec)
+    cmd = [*tiergen_cmd(), "bench", "--model", a.model_dir, "--prompt-len", str(a.prompt_len),
+           "--gen-len", str(a.gen_len), "--gpu-batch-size", str(b), "--num-gpu-batches", str(k),
+           "--percent", *map(str, a.tiergen_percent), "--cpu-mem", str(a.tiergen_cpu_mem),
+           "--offload-dir", str(Path(a.offload_dir) / "tiergen"), "--json", *a.tiergen_extra.split()]
+    r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir, a.offload_dir], cwd=str(ROOT))
+    res = last_json(r.stdout)
+    err = r.stderr
+    if r.returncode == 0 and res:
+        status = "ok"
+    elif ("invalid choice" in err and "bench" in err) or "No module named tiergen" in err:
+        status = "not available"  # the bench subcommand is not there (yet)
+    elif r.oom_killed:
+        status = "oom"
+    elif r.timed_out:
+        status = "timeout"
+    else:
+        status = "failed"
+    print(f"[tiergen {b}x{k}] {status}, {r.wall_s:.0f} s", file=sys.stderr)
+    pct = " ".join(map(str, a.tiergen_percent))
+    return {"system": "tiergen", "batch": b * k, "gpu_batch_size": b, "num_gpu_batches": k,
+            "policy": f"{b}x{k}, percent {pct}{' ' + a.tiergen_extra if a.tiergen_extra else ''}",
+            "status": status, "command": cmd, "capped": capped_entry(r), "result": res,
+            "stderr_tail": None if status == "ok" else tail(err)}
+
+
+# ---------------------------------------------------------------- roofline
+
+def rate_at(table: dict[str, Any], rows: int) -> float:
+    """Measured GFLOP/s at ``rows``, or the nearest measured row count."""
+    if str(rows) in table:
+        return table[str(rows)]["GFLOPs"]
+    near = min(table, key=lambda r: abs(int(r) - rows))
+    return table[near]["GFLOPs"]
+
+
+def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    cfg = json.loads((Path(a.model_dir) / "config.json").read_text())
+    shape = rl.Shape.from_config(cfg)
+    W = shape.weight_bytes(2, cfg.get("max_position_embeddings", 2048))
+    bw = probe["disk_GBps"] * 1e9
+    dec, pre = probe["matmul_decode"], probe["matmul_prefill"]
+    runtime = probe.get("process_rss_bytes", 0)
+    P, G = a.prompt_len, a.gen_len
+    ctx = P + G // 2
+    rows: list[dict[str, Any]] = []
+    batches = sorted({r["batch"] for r in runs} | set(a.acc_batches))
+    for B in batches:
+        kv = shape.kv_bytes(B, P + G)
+        # best placement the cap allows: keep (cap - runtime - KV cache) of weights in RAM
+        keep = max(0, a.mem_cap - runtime - kv)
+        for label, disk in (("min disk traffic under the cap", max(0.0, W - keep)),
+                            ("all weights streamed from disk", float(W))):
+            d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(dec, B))
+            t = rl.total_roofline(shape, B, P, G, disk, bw, rate_at(dec, B), rate_at(pre, B))
+            rows.append({"batch": B, "case": label, "kv_bytes": kv, **d,
+                         "gflops_decode": rate_at(dec, B), "total_tok_s": t["total_tok_s"],
+                         "total": t})
+    # per measured run: the roofline of the placement that system actually used
+    for r in runs:
+        if r["status"] != "ok":
+            continue
+        B = r["batch"]
+        mb = r.get("gpu_batch_size", B)
+        if r["system"] == "accelerate":
+            disk = float(r["result"]["device_map_summary"]["bytes_per_device"].get("disk", 0))
+        else:
+            w_gpu, w_cpu = a.tiergen_percent[0], a.tiergen_percent[1]
+            disk = W * max(0.0, 100 - w_gpu - w_cpu) / 100
+        d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(dec, mb))
+        t = rl.total_roofline(shape, B, P, G, disk, bw, rate_at(dec, mb), rate_at(pre, mb))
+        r["roofline"] = {"disk_bytes": disk, "decode_tok_s": d["decode_tok_s"], "step_s": d["step_s"],
+                         "bound": d["bound"], "total_tok_s": t["total_tok_s"],
+                         "decode_efficiency": r["result"]["decode_tok_s"] / d["decode_tok_s"]}
+    return {"weight_bytes": W, "disk_GBps": probe["disk_GBps"], "runtime_rss_bytes": runtime,
+            "decode_ctx": ctx, "rows": rows}
+
+
+# ---------------------------------------------------------------- report
+
+def fnum(x: float | None, nd: int = 2) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.{nd}f}" if x < 100 else f"{x:.0f}"
+
+
+def report(data: dict[str, Any]) -> str:
+    a = data["args"]
+    out: list[str] = []
+    out.append(f"Model {a['model_dir']} ({fmt_bytes(data['roofline']['weight_bytes']) if data.get('roofline') else '?'} "
+               f"bf16 weights), cap {fmt_bytes(a['mem_cap'])} (RAM + page cache + swap), "
+               f"prompt {a['prompt_len']}, gen {a['gen_len']}; page cache dropped before each run: "
+               f"{data['drop_caches_permitted']}\n")
+    out.append("| system | batch | policy | prefill tok/s | decode tok/s | total tok/s | "
+               "peak cgroup (anon) | roofline decode tok/s | wall s | status |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in data["runs"]:
+        res = r.get("result") or {}
+        c = r["capped"]
+        ok = r["status"] == "ok"
+        peak = f"{fmt_bytes(c['peak_bytes'])} ({fmt_bytes(c['peak_anon_bytes'])})"
+        roof = fnum(r["roofline"]["decode_tok_s"]) if "roofline" in r else "–"
+        out.append(f"| {r['system']} | {r['batch']} | {r['policy']} | "
+                   f"{fnum(res.get('prefill_tok_s')) if ok else '–'} | "
+                   f"{fnum(res.get('decode_tok_s')) if ok else '–'} | "
+                   f"{fnum(res.get('total_tok_s')) if ok else '–'} | {peak} | {roof} | "
+                   f"{c['wall_s']:.0f} | {r['status']} |")
+    best = data["best"]
+    out.append("")
+    for s in ("accelerate", "tiergen"):
+        b = best.get(s)
+        out.append(f"best {s}: " + (f"batch {b['batch']} ({b['policy']}), {b['total_tok_s']:.3f} tok/s"
+                                    if b else "none (no successful run)"))
+    ratio = data.get("ratio_total_tok_s")
+    out.append("ratio tiergen-best / accelerate-best (total tok/s): "
+               + (f"{ratio:.2f}x" if ratio is not None else "n/a"))
+    roof = data.get("roofline")
+    if roof:
+        p = data["probe"]["result"]
+        out.append("")
+        out.append(f"Roofline inputs (measured under the cap): disk O_DIRECT "
+                   + ", ".join(f"{d['streams']} stream{'s' if d['streams'] > 1 else ''} "
+                               f"{d['GBps']:.2f} GB/s" for d in p["disk_direct"])
+                   + f"; buffered read {p['disk_buffered']['GBps']:.2f} GB/s; bf16 matmul (one layer) "
+                   + ", ".join(f"{k} rows {v['GFLOPs']:.1f}" for k, v in p["matmul_decode"].items())
+                   + " GFLOP/s; prefill "
+                   + ", ".join(f"{v['rows']} rows {v['GFLOPs']:.1f}" for v in p["matmul_prefill"].values())
+                   + " GFLOP/s")
+        out.append("")
+        out.append(f"Roofline per decode step (context {roof['decode_ctx']}), "
+                   f"step = max(disk bytes / {roof['disk_GBps']:.2f} GB/s, FLOPs / matmul rate):")
+        out.append("")
+        out.append("| batch | weights from disk per step | disk s | GFLOP | GFLOP/s | compute s | "
+                   "step s | bound | decode tok/s | total tok/s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for row in roof["rows"]:
+            out.append(f"| {row['batch']} | {fmt_bytes(row['disk_bytes'])} ({row['case']}) | "
+                       f"{row['io_s']:.2f} | {row['flops'] / 1e9:.1f} | {row['gflops_decode']:.1f} | "
+                       f"{row['compute_s']:.2f} | {row['step_s']:.2f} | {row['bound']} | "
+                       f"{fnum(row['decode_tok_s'])} | {fnum(row['total_tok_s'])} |")
+    return "\n".join(out)
+
+
+def pick_best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for r in runs:
+        if r["status"] != "ok":
+            continue
+        tps = r["result"]["total_tok_s"]
+        cur = best.get(r["system"])
+        if cur is None or tps > cur["total_tok_s"]:
+            best[r["system"]] = {"batch": r["batch"], "policy": r["policy"], "total_tok_s": tps,
+                                 "decode_tok_s": r["result"]["decode_tok_s"],
+                                 "prefill_tok_s": r["result"]["prefill_tok_s"]}
+    return best
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=None, help=f"HF dir (default {DEFAULT_MODEL}, created if missing)")
+    ap.add_argument("--mem-cap", default="2GiB", help="cgroup cap: RAM + page cache + swap (default 2GiB)")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-len", type=int, default=8)
+    ap.add_argument("--systems", nargs="+", default=["accelerate", "tiergen"],
+                    choices=["accelerate", "tiergen"])
+    ap.add_argument("--acc-batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--acc-cpu-mem", default="1GiB", help="Accelerate max_memory['cpu']")
+    ap.add_argument("--tiergen-batches", nargs="+", default=["1x1", "8x1", "32x1"],
+                    help="gpu_batch_size x num_gpu_batches, e.g. 16x2")
+    ap.add_argument("--tiergen-percent", type=float, nargs=6, default=[0, 30, 0, 100, 0, 100],
+                    metavar="P", help="w_gpu w_cpu c_gpu c_cpu a_gpu a_cpu (FlexGen's six numbers)")
+    ap.add_argument("--tiergen-cpu-mem", default="1GiB", help="tiergen's host RAM tier budget (--cpu-mem)")
+    ap.add_argument("--tiergen-extra", default="", help="more tiergen bench flags, e.g. '--compress-weight'")
+    ap.add_argument("--offload-dir", default="/tmp/tiergen-bench/offload")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per run")
+    ap.add_argument("--probe-disk-bytes", type=float, default=4e9)
+    ap.add_argument("--no-probe", action="store_true", help="skip the roofline measurements")
+    ap.add_argument("--out", default=None, help="write all raw results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes: smoke-test the pipeline")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.model_dir = a.model_dir or TINY_MODEL
+        a.prompt_len, a.gen_len = 8, 3
+        a.acc_batches, a.tiergen_batches = [1, 4], ["1x1", "2x2"]
+        a.acc_cpu_mem = "30MB"        # the tiny model's 4 layers: 3 go to disk
+        a.tiergen_cpu_mem = "1GiB"
+        a.timeout = min(a.timeout, 180)
+        a.probe_disk_bytes = min(a.probe_disk_bytes, 64e6)
+    a.model_dir = a.model_dir or DEFAULT_MODEL
+    a.mem_cap = parse_bytes(a.mem_cap)
+    a.tiergen_percent = [int(p) if float(p).is_integer() else p for p in a.tiergen_percent]
+    return a
+
+
+def ensure_model(a: argparse.Namespace) -> None:
+    from benchmarks import make_random_opt as mk
+    if (Path(a.model_dir) / "config.json").is_file():
+        return
+    shape = mk.OPT_TINY if a.quick else mk.OPT_1_3B
+    print(f"[model] writing {a.model_dir}", file=sys.stderr)
+    mk.make(Path(a.model_dir), shape)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    why = available()
+    if why:
+        print(f"offload_benchmark: cannot cap memory: {why}", file=sys.stderr)
+        return 1
+    ensure_model(a)
+    Path(a.offload_dir).mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    runs: list[dict[str, Any]] = []
+    probe: dict[str, Any] | None = None
+    if not a.no_probe:
+        rows = sorted(set(a.acc_batches) | {parse_tiergen_batch(s)[0] for s in a.tiergen_batches}
+                      | {int.__mul__(*parse_tiergen_batch(s)) for s in a.tiergen_batches})
+        probe = run_probe(a, rows)
+    if "accelerate" in a.systems:
+        runs += [run_accelerate(a, b) for b in a.acc_batches]
+    if "tiergen" in a.systems:
+        for spec in a.tiergen_batches:
+            r = run_tiergen(a, spec)
+            runs.append(r)
+            if r["status"] == "not available":
+                break  # the subcommand does not exist: no point trying other sizes
+
+    dropped = all(r["capped"]["caches_dropped"] for r in runs) if runs else None
+    best = pick_best(runs)
+    ratio = (best["tiergen"]["total_tok_s"] / best["accelerate"]["total_tok_s"]
+             if "tiergen" in best and "accelerate" in best else None)
+    data: dict[str, Any] = {
+        "benchmark": "offload_benchmark", "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "args": {k: v for k, v in vars(a).items()}, "machine": machine_info(),
+        "drop_caches_permitted": dropped, "probe": probe, "runs": runs, "best": best,
+        "ratio_total_tok_s": ratio, "seconds": round(time.perf_counter() - t_all, 1),
+    }
+    if probe and probe.get("result"):
+        data["roofline"] = build_roofline(a, probe["result"], runs)
+    text = report(data)
+    data["report_markdown"] = text
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(data, indent=1, default=str))
+        print(f"\nraw results: {a.out}", file=sys.stderr)
+    return 0 if any(r["status"] == "ok" for r in runs) or not runs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Bytes a policy needs on each tier, computed before anything is allocated.
+
+weight_demand: the weights' homes plus the compute-side buffers that streamed
+layers pass through (two layers in flight when overlapping). block_demand: one
+block's KV cache homes, the working buffers of host/disk cache rows, the
+activations, and the largest transient of a forward pass (prefill attention
+scores, the MLP intermediate or the logits).
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .kv_cache import cache_bytes
+from .models.base import Model
+from .policy import Policy, split_rows
+from .weights.tiered import placement_bytes
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def weight_demand(model: Model, dtype: torch.dtype, policy: Policy,
+                  device: torch.device) -> dict[str, dict[str, int]]:
+    placed = placement_bytes(model, dtype, policy.shares("w"))
+    in_flight = placed["max_streamed_group"] * (2 if policy.overlap else 1)
+    demand = {"gpu": {"weights": placed["gpu"], "streamed weight buffers": in_flight},
+              "cpu": {"weights": placed["cpu"]},
+              "disk": {"weights": placed["disk"]}}
+    if device.type == "cuda":
+        demand["cpu"]["weight staging buffers"] = in_flight
+    return demand
+
+
+def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: torch.device,
+                 rows: int, num_micro_batches: int, prompt_width: int, new_tokens: int) -> dict[str, dict[str, int]]:
+    it = _itemsize(dtype)
+    max_len = prompt_width + new_tokens
+    homes = cache_bytes(cfg, rows, max_len, dtype, policy.shares("cache"))
+    g, c, d = split_rows(rows, policy.shares("cache"))
+    row_bytes = cfg.num_kv_heads * cfg.head_dim * it
+    streamed_rows = d + (c if device.type == "cuda" and not policy.cpu_attention else 0)
+    # two layer-prefixes (current and prefetched micro-batch), keys and values
+    work = 2 * 2 * max_len * streamed_rows * row_bytes
+    ag, ac, _ = split_rows(rows, policy.shares("act"))
+    act_row = prompt_width * cfg.hidden_size * it
+    scores = rows * cfg.num_heads * prompt_width * prompt_width * 4
+    mlp = 3 * rows * prompt_width * max(cfg.ffn_dim, cfg.hidden_size) * it
+    logits = rows * cfg.vocab_size * 4 * 2
+    K = num_micro_batches
+    return {
+        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work,
+                "activations": K * ag * act_row, "compute scratch": max(scores, mlp, logits)},
+        "cpu": {"KV cache": K * homes["cpu"], "activations": K * ac * act_row},
+        "disk": {"KV cache": K * homes["disk"]},
+    }

@@ -1,0 +1,77 @@
+"""Policy: where weights, KV cache and activations live, and the block shape.
+
+Field names follow FlexGen so published policies replay as written: each
+``*_gpu_percent`` / ``*_cpu_percent`` pair is a share of that kind of tensor on
+the compute device / host RAM; disk gets the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from ..errors import InvalidRequestError
+from ..schedule import SCHEDULES
+
+
+@dataclass(frozen=True)
+class Policy:
+    gpu_batch_size: int = 32
+    num_gpu_batches: int = 1
+    w_gpu_percent: float = 100.0
+    w_cpu_percent: float = 0.0
+    cache_gpu_percent: float = 100.0
+    cache_cpu_percent: float = 0.0
+    act_gpu_percent: float = 100.0
+    act_cpu_percent: float = 0.0
+    overlap: bool = True          # prefetch the next step's weights/cache while computing
+    cpu_attention: bool = False   # decode attention next to a host/disk cache, on the CPU
+    pin_weight: bool = True       # page-locked host weights (CUDA), for async copies
+    schedule: str = "zigzag"      # "zigzag" | "row"
+
+    def __post_init__(self) -> None:
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise InvalidRequestError("gpu_batch_size and num_gpu_batches must be >= 1")
+        for kind in ("w", "cache", "act"):
+            g, c = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+            if not (0 <= g <= 100 and 0 <= c <= 100 and g + c <= 100 + 1e-9):
+                raise InvalidRequestError(
+                    f"{kind} percents must be in [0, 100] and sum to at most 100, got gpu {g} cpu {c}")
+        if self.act_gpu_percent + self.act_cpu_percent < 100 - 1e-9:
+            raise InvalidRequestError("activations live on the compute device or the host: "
+                                      "act_gpu_percent + act_cpu_percent must be 100")
+        if self.schedule not in SCHEDULES:
+            raise InvalidRequestError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+    @classmethod
+    def from_percent(cls, percent: Sequence[float], **kw: Any) -> "Policy":
+        """FlexGen's six numbers: weights gpu/cpu, cache gpu/cpu, activations gpu/cpu."""
+        if len(percent) != 6:
+            raise InvalidRequestError(f"--percent takes 6 numbers, got {len(percent)}")
+        w_g, w_c, c_g, c_c, a_g, a_c = (float(x) for x in percent)
+        return cls(w_gpu_percent=w_g, w_cpu_percent=w_c, cache_gpu_percent=c_g, cache_cpu_percent=c_c,
+                   act_gpu_percent=a_g, act_cpu_percent=a_c, **kw)
+
+    @property
+    def percent(self) -> tuple[float, ...]:
+        return (self.w_gpu_percent, self.w_cpu_percent, self.cache_gpu_percent,
+                self.cache_cpu_percent, self.act_gpu_percent, self.act_cpu_percent)
+
+    def shares(self, kind: str) -> tuple[float, float, float]:
+        """(gpu, cpu, disk) fractions for "w", "cache" or "act"."""
+        g = getattr(self, f"{kind}_gpu_percent") / 100
+        c = getattr(self, f"{kind}_cpu_percent") / 100
+        return g, c, max(0.0, 1.0 - g - c)
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_rows(n: int, shares: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Whole sequences per tier for a micro-batch of n rows (gpu, cpu, disk)."""
+    g = round(n * shares[0])
+    c = min(n - g, round(n * (shares[0] + shares[1])) - g)
+    return g, c, n - g - c

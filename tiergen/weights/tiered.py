@@ -1,0 +1,255 @@
+"""Weights placed over gpu / cpu / disk by whole tensors, streamed to the compute device.
+
+Each group (embed, every layer, head) is split by the policy's weight shares:
+tensors are taken in order and a tensor goes to the tier in which the midpoint
+of its byte range falls. Disk-homed tensors of a group are packed into one file
+at 4 KiB-aligned offsets, so fetching them is one large direct read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..disk import IOPool, OffloadDir, aligned_empty
+from ..errors import CheckpointError
+from ..models.base import Model, Weights
+from ..tiers import Tiers
+from ..transfer import Mover, Ready
+from .source import ModelSource
+
+ALIGN = 4096
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def place_group(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                shares: tuple[float, float, float]) -> dict[str, str]:
+    sizes = {k: _nbytes(s, dtype) for k, s in shapes.items()}
+    total = sum(sizes.values()) or 1
+    out, before = {}, 0
+    for k, n in sizes.items():
+        mid = (before + n / 2) / total
+        out[k] = "gpu" if mid < shares[0] else "cpu" if mid < shares[0] + shares[1] else "disk"
+        before += n
+    return out
+
+
+def placed_shapes(model: Model) -> tuple[dict[str | int, dict[str, tuple[int, ...]]], bool]:
+    """The model's weight groups, with a tied lm_head placed as a head tensor of its own."""
+    shapes = dict(model.shapes())
+    tied = "lm_head" not in shapes["head"]
+    if tied:
+        shapes["head"] = {**shapes["head"], "lm_head": shapes["embed"]["tok"]}
+    return shapes, tied
+
+
+def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float, float]) -> dict[str, int]:
+    """Bytes per tier for the whole model, and the largest streamed group (for buffers)."""
+    shapes, tied = placed_shapes(model)
+    places = {g: place_group(s, dtype, shares) for g, s in shapes.items()}
+    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0}
+    for g, group_shapes in shapes.items():
+        streamed = 0
+        for k, tier in places[g].items():
+            n = _nbytes(group_shapes[k], dtype)
+            shared = tied and (g, k) == ("head", "lm_head") and tier == places["embed"]["tok"] != "disk"
+            out[tier] += 0 if shared else n
+            streamed += n if tier != "gpu" else 0
+        out["max_streamed_group"] = max(out["max_streamed_group"], streamed)
+    return out
+
+
+@dataclass
+class Home:
+    tier: str
+    shape: tuple[int, ...]
+    tensor: torch.Tensor | None = None      # gpu / cpu homes
+    offset: int = 0                         # disk homes: byte offset in the group's file
+
+
+class BufferPool:
+    """Reuses aligned host buffers by size: page-faulting a fresh buffer per fetch
+    would cost as much as the read."""
+
+    def __init__(self, pin: bool):
+        self.pin, self.free_lists = pin, {}
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        lst = self.free_lists.get(nbytes)
+        return lst.pop() if lst else aligned_empty(nbytes, pin=self.pin)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self.free_lists.setdefault(buf.numel(), []).append(buf)
+
+
+class TieredWeights:
+    """The engine's WeightStore: ``acquire`` starts fetching a group, ``group`` waits
+    for it on the compute device, ``release`` frees its streamed buffers."""
+
+    def __init__(self, source: ModelSource, model: Model, dtype: torch.dtype, device: torch.device,
+                 shares: tuple[float, float, float], tiers: Tiers, offload: OffloadDir | None,
+                 io: IOPool, mover: Mover, pin: bool = True):
+        self.dtype, self.device, self.tiers, self.io, self.mover = dtype, device, tiers, io, mover
+        self.pool = BufferPool(pin and mover.cuda)
+        # a tied lm_head is placed as a head tensor of its own; it shares storage when homes agree
+        shapes, self.tied = placed_shapes(model)
+        self.homes: dict[str | int, dict[str, Home]] = {}
+        self.files: dict[str | int, Any] = {}
+        self.disk_span: dict[str | int, int] = {}
+        for g, group_shapes in shapes.items():
+            place = place_group(group_shapes, dtype, shares)
+            homes, off = {}, 0
+            for k, s in group_shapes.items():
+                homes[k] = Home(place[k], tuple(s))
+                if place[k] == "disk":
+                    homes[k].offset = off
+                    off += -(-_nbytes(s, dtype) // ALIGN) * ALIGN
+            self.homes[g] = homes
+            if off:
+                if offload is None:
+                    raise ValueError("disk-homed weights need an offload directory")
+                tiers.disk.alloc(off, f"weights of {g}")
+                self.files[g] = offload.new_file(f"weights_{g}.bin", off)
+                self.disk_span[g] = off
+        self._load_all(source, model, shapes, pin)
+        self.loaded: dict[str | int, tuple[Ready, int, torch.Tensor | None]] = {}
+
+    def _load_all(self, source: ModelSource, model: Model, shapes: dict, pin: bool) -> None:
+        seen: set[tuple[Any, str]] = set()
+        for (g, key), t in source.tensors(model, self.dtype):
+            if g not in shapes or key not in shapes[g] or (self.tied and (g, key) == ("head", "lm_head")):
+                continue   # e.g. a checkpoint's copy of tied embeddings
+            if tuple(t.shape) != tuple(shapes[g][key]):
+                raise CheckpointError(f"{source.description}: weight {key!r} of {g} has shape "
+                                      f"{tuple(t.shape)}, expected {tuple(shapes[g][key])}")
+            t = t.to(self.dtype).contiguous()
+            self._store(g, key, t, pin)
+            seen.add((g, key))
+            if self.tied and (g, key) == ("embed", "tok"):
+                self._store("head", "lm_head", t, pin, share=self.homes["embed"]["tok"])
+                seen.add(("head", "lm_head"))
+        for g, group_shapes in shapes.items():
+            for key in group_shapes:
+                if (g, key) not in seen:
+                    where = f"layer {g}" if isinstance(g, int) else g
+                    raise CheckpointError(f"{source.description}: missing weight {key!r} of {where}")
+
+    def _store(self, g: str | int, key: str, t: torch.Tensor, pin: bool, share: Home | None = None) -> None:
+        h = self.homes[g][key]
+        if share is not None and share.tier == h.tier and h.tier != "disk":
+            h.tensor = share.tensor      # tied head on the same tier: one copy, counted once
+        elif h.tier == "gpu":
+            self.tiers.gpu.alloc(t.nbytes, f"weight {key} of {g}")
+            h.tensor = t.to(self.device)
+        elif h.tier == "cpu":
+            self.tiers.cpu.alloc(t.nbytes, f"weight {key} of {g}")
+            h.tensor = t.pin_memory() if pin and self.mover.cuda else t
+        else:
+            self.files[g].write_from(h.offset, t.view(-1).view(torch.uint8))
+            self.tiers.links.add("cpu->disk", t.nbytes)
+
+    # ------------------------------------------------------------- streaming
+    def acquire(self, g: str | int) -> None:
+        """Start bringing group g to the compute device (no-op if already on its way)."""
+        if g in self.loaded:
+            return
+        homes = self.homes[g]
+        out: Weights = {}
+        events = []
+        charged = 0
+        for k, h in homes.items():
+            if h.tier == "gpu":
+                out[k] = h.tensor
+            elif h.tier == "cpu":
+                out[k], ev = self.mover.to_compute(h.tensor, "cpu->gpu")
+                if ev is not None:
+                    events.append(ev)
+                    charged += h.tensor.nbytes
+        disk_keys = [k for k, h in homes.items() if h.tier == "disk"]
+        buf = None
+        if disk_keys:
+            span, base = self.disk_span[g], 0
+            buf = self.pool.take(span)
+            link = "disk->cpu" if self.mover.cuda else "disk->gpu"
+            # The host buffer is compute memory without a GPU, staging memory with one.
+            (self.tiers.cpu if self.mover.cuda else self.tiers.gpu).alloc(span, f"streamed weights of {g}")
+            charged_host = span
+            file = self.files[g]
+
+            def read() -> tuple[Weights, Any]:
+                file.read_into(base, buf)
+                self.tiers.links.add(link, span)
+                res: Weights = {}
+                last_ev = None
+                for k in disk_keys:
+                    h = homes[k]
+                    n = _nbytes(h.shape, self.dtype)
+                    view = buf[h.offset - base:h.offset - base + n].view(self.dtype).view(h.shape)
+                    res[k], ev = self.mover.to_compute(view, "cpu->gpu")
+                    last_ev = ev or last_ev
+                return res, last_ev
+            fut = self.io.submit(read)
+        else:
+            charged_host, fut = 0, None
+        if charged:
+            self.tiers.gpu.alloc(charged, f"streamed weights of {g}")
+        if self.mover.cuda and disk_keys:
+            self.tiers.gpu.alloc(sum(_nbytes(homes[k].shape, self.dtype) for k in disk_keys),
+                                 f"streamed weights of {g}")
+            charged += sum(_nbytes(homes[k].shape, self.dtype) for k in disk_keys)
+        ready = _GroupReady(out, events, fut)
+        self.loaded[g] = (ready, charged, buf, charged_host)
+
+    def group(self, g: str | int) -> Weights:
+        self.acquire(g)
+        return self.loaded[g][0].get()
+
+    def release(self, g: str | int) -> None:
+        item = self.loaded.pop(g, None)
+        if item is None:
+            return
+        ready, charged, buf, charged_host = item
+        ready.get()   # never recycle a buffer a read is still filling
+        if charged:
+            self.tiers.gpu.free(charged)
+        if buf is not None:
+            (self.tiers.cpu if self.mover.cuda else self.tiers.gpu).free(charged_host)
+            self.pool.give(buf)
+
+    def streamed(self, g: str | int) -> bool:
+        return any(h.tier != "gpu" for h in self.homes[g].values())
+
+    def nbytes_by_tier(self) -> dict[str, int]:
+        out = {"gpu": 0, "cpu": 0, "disk": 0}
+        seen = set()
+        for homes in self.homes.values():
+            for h in homes.values():
+                key = id(h.tensor) if h.tensor is not None else id(h)
+                if key not in seen:
+                    seen.add(key)
+                    out[h.tier] += _nbytes(h.shape, self.dtype)
+        return out
+
+
+class _GroupReady:
+    """A group's tensors: resident ones now, streamed ones when their copies land."""
+
+    def __init__(self, out: Weights, events: list, fut: Any):
+        self.out, self.events, self.fut, self.done = out, events, fut, False
+
+    def get(self) -> Weights:
+        if not self.done:
+            if self.fut is not None:
+                res, ev = self.fut.result()
+                self.out.update(res)
+                if ev is not None:
+                    self.events.append(ev)
+            for ev in self.events:
+                torch.cuda.current_stream().wait_event(ev)
+            self.done = True
+        return self.out
