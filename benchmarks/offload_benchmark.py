@@ -250,9 +250,9 @@ def report(data: dict[str, Any]) -> str:
         out.append(f"Roofline inputs (measured under the cap): disk O_DIRECT "
                    + ", ".join(f"{d['streams']} stream{'s' if d['streams'] > 1 else ''} "
                                f"{d['GBps']:.2f} GB/s" for d in p["disk_direct"])
-                   + f"; buffered read {p['disk_buffered']['GBps']:.2f} GB/s; bf16 matmul (one layer) "
+                   + f"; buffered read {p['disk_buffered']['GBps']:.2f} GB/s; bf16 matmul at "
                    + ", ".join(f"{k} rows {v['GFLOPs']:.1f}" for k, v in p["matmul_decode"].items())
-                   + " GFLOP/s; prefill "
+                   + " GFLOP/s (effective over a whole step: layers + LM head); prefill "
                    + ", ".join(f"{v['rows']} rows {v['GFLOPs']:.1f}" for v in p["matmul_prefill"].values())
                    + " GFLOP/s")
         out.append("")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     probe: dict[str, Any] | None = None
     if not a.no_probe:
         rows = sorted(set(a.acc_batches) | {parse_tiergen_batch(s)[0] for s in a.tiergen_batches}
-                      | {int.__mul__(*parse_tiergen_batch(s)) for s in a.tiergen_batches})
+                      | {b * k for b, k in map(parse_tiergen_batch, a.tiergen_batches)})
         probe = run_probe(a, rows)
     if "accelerate" in a.systems:
         runs += [run_accelerate(a, b) for b in a.acc_batches]

@@ -135,41 +135,55 @@ class Shape:
         embed = (self.vocab + max_pos + 2) * self.hidden + 2 * self.hidden
         return self.layers * self.layer_weight_bytes(bytes_per) + embed * bytes_per
 
+    def layer_flops(self, ctx: int) -> float:
+        """FLOPs for one token through one layer with ``ctx`` cached positions
+        (matmuls, attention scores and values)."""
+        return 2 * sum(i * o for i, o in self.layer_matmuls()) + 4 * ctx * self.hidden
+
+    def head_flops(self) -> float:
+        return 2 * self.hidden * self.vocab
+
     def token_flops(self, ctx: int) -> float:
-        """FLOPs for one token through the model with ``ctx`` cached positions
-        (matmuls, attention scores and values, LM head)."""
-        mat = sum(i * o for i, o in self.layer_matmuls())
-        per_layer = 2 * mat + 4 * ctx * self.hidden
-        return self.layers * per_layer + 2 * self.hidden * self.vocab
+        """One decoded token through the whole model, LM head included."""
+        return self.layers * self.layer_flops(ctx) + self.head_flops()
 
     def kv_bytes(self, batch: int, seq: int, bytes_per: int = 2) -> int:
         return 2 * self.layers * batch * seq * self.hidden * bytes_per
 
 
-def matmul_rate(shape: Shape, rows: int, min_time: float = 0.5, threads: int = 0) -> dict[str, float]:
-    """bf16 GFLOP/s of one layer's matmuls (+ LM head) for ``rows`` tokens."""
+def matmul_rate(shape: Shape, rows: int, head_rows: int, min_time: float = 0.5,
+                threads: int = 0) -> dict[str, float]:
+    """bf16 matmul rate of one model step on ``rows`` tokens: one layer's six
+    matmuls (timed, times the layer count) plus the LM head on ``head_rows``
+    tokens (decode: every token; prefill: the last token of each sequence).
+    GFLOPs is the effective rate, step FLOPs / step matmul time."""
     import torch
     import torch.nn.functional as F
     if threads:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    ws = [torch.randn(o, i, generator=g).to(torch.bfloat16) * 0.02 for i, o in shape.layer_matmuls()]
+    ws = [(torch.randn(o, i, generator=g) * 0.02).to(torch.bfloat16) for i, o in shape.layer_matmuls()]
     xs = {i: torch.randn(rows, i, generator=g).to(torch.bfloat16) for i, _ in shape.layer_matmuls()}
-    flops = 2 * rows * sum(i * o for i, o in shape.layer_matmuls())
+    head = (torch.randn(shape.vocab, shape.hidden, generator=g) * 0.02).to(torch.bfloat16)
+    xh = torch.randn(head_rows, shape.hidden, generator=g).to(torch.bfloat16)
 
-    def step() -> None:
-        for w in ws:
-            F.linear(xs[w.shape[1]], w)
+    def timed(fn) -> float:
+        fn()  # warm-up (thread pool, kernels)
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_time and n >= 2:
+                return dt / n
 
-    step()  # warm-up (thread pool, kernels)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        step()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_time and n >= 2:
-            break
-    return {"rows": rows, "GFLOPs": flops * n / dt / 1e9, "layer_s": dt / n,
+    layer_s = timed(lambda: [F.linear(xs[w.shape[1]], w) for w in ws])
+    head_s = timed(lambda: F.linear(xh, head))
+    step_s = shape.layers * layer_s + head_s
+    flops = 2 * rows * shape.layers * sum(i * o for i, o in shape.layer_matmuls()) + head_rows * shape.head_flops()
+    return {"rows": rows, "head_rows": head_rows, "GFLOPs": flops / step_s / 1e9,
+            "layer_GFLOPs": 2 * rows * sum(i * o for i, o in shape.layer_matmuls()) / layer_s / 1e9,
+            "layer_s": layer_s, "head_s": head_s, "step_matmul_s": step_s,
             "threads": torch.get_num_threads()}
 
 
@@ -187,8 +201,10 @@ def probe(model_dir: str, batches: list[int], prompt_len: int, disk_bytes: int,
     out["disk_GBps"] = max(d["GBps"] for d in direct)
     import torch
     base_rss = _rss()
-    out["matmul_decode"] = {str(b): matmul_rate(shape, b) for b in batches}
-    out["matmul_prefill"] = {str(b): matmul_rate(shape, min(b * prompt_len, 2048), min_time=0.3)
+    out["matmul_decode"] = {str(b): matmul_rate(shape, b, b) for b in batches}
+    # prefill: B*P rows through the layers (capped at 2048 rows: the rate has
+    # saturated by then), LM head on the last token only
+    out["matmul_prefill"] = {str(b): matmul_rate(shape, min(b * prompt_len, 2048), b, min_time=0.3)
                              for b in batches}
     out["process_rss_bytes"] = base_rss
     out["torch"] = torch.__version__
@@ -224,7 +240,8 @@ def total_roofline(shape: Shape, batch: int, prompt_len: int, gen_len: int, disk
                    disk_bw: float, gflops_decode: float, gflops_prefill: float) -> dict[str, float]:
     """Prefill + (gen_len - 1) decode steps, each at its own roofline; tokens/s
     in the paper's metric (generated tokens / total time)."""
-    pre_flops = batch * sum(shape.token_flops(i) for i in range(prompt_len))
+    pre_flops = batch * (shape.layers * sum(shape.layer_flops(i) for i in range(prompt_len))
+                         + shape.head_flops())  # logits for the last prompt token only
     pre_s = max(disk_bytes / disk_bw, pre_flops / (gflops_prefill * 1e9))
     dec = [decode_roofline(shape, batch, prompt_len + i, disk_bytes, disk_bw, gflops_decode)["step_s"]
            for i in range(1, gen_len)]

@@ -27,13 +27,71 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dummy", action="store_true", help="random weights of the model's shape")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bfloat16)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    pol = p.add_argument_group("policy and budgets")
+    pol.add_argument("--gpu-batch-size", "--batch-size", type=int, default=32, dest="gpu_batch_size",
+                     help="sequences per micro-batch")
+    pol.add_argument("--num-gpu-batches", type=int, default=1, help="micro-batches per block")
+    pol.add_argument("--percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0],
+                     metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
+                     help="FlexGen's six shares in percent; disk gets the rest of each")
+    pol.add_argument("--cpu-attention", action="store_true", help="decode attention on the CPU beside a host cache")
+    pol.add_argument("--schedule", choices=["zigzag", "row"], default="zigzag")
+    pol.add_argument("--no-overlap", action="store_true", help="do not prefetch while computing")
+    pol.add_argument("--no-pin-weight", action="store_true", help="do not page-lock host weights (CUDA)")
+    pol.add_argument("--gpu-mem", help="compute-device budget, e.g. 16GiB (default: free memory)")
+    pol.add_argument("--cpu-mem", help="host RAM budget (default: available RAM)")
+    pol.add_argument("--disk", help="disk budget (default: free space in the offload dir)")
+    pol.add_argument("--offload-dir", default=None, help="where disk-homed tensors go (default: system temp)")
+
+
+def policy_from_args(args: argparse.Namespace):  # -> Policy
+    from .policy import Policy
+    return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
+                               num_gpu_batches=args.num_gpu_batches, cpu_attention=args.cpu_attention,
+                               schedule=args.schedule, overlap=not args.no_overlap,
+                               pin_weight=not args.no_pin_weight)
 
 
 def load_llm(args: argparse.Namespace):  # -> LLM
     from .llm import LLM
+    from .tiers import parse_bytes
+    try:
+        budgets = [parse_bytes(x) for x in (args.gpu_mem, args.cpu_mem, args.disk)]
+    except ValueError as e:
+        raise TiergenError(f"bad memory size: {e}") from None
     return LLM(args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
-               batch_size=args.batch_size)
+               policy=policy_from_args(args), offload_dir=args.offload_dir,
+               gpu_mem=budgets[0], cpu_mem=budgets[1], disk=budgets[2])
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .tiers import fmt_bytes
+    llm = load_llm(args)
+    try:
+        r = run_bench(llm, args.prompt_len, args.gen_len, num_prompts=args.num_prompts,
+                      progress=not args.json and sys.stderr.isatty())
+    finally:
+        llm.close()
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    pol = r["policy"]
+    print(f"model {r['model']} ({r['dtype']}, {r['device']}), {r['num_prompts']} prompts x "
+          f"{r['prompt_len']} tokens, {r['gen_len']} new tokens each")
+    print(f"policy {pol['gpu_batch_size']}x{pol['num_gpu_batches']} percent "
+          f"{' '.join(f'{x:g}' for x in llm.policy.percent)} schedule {pol['schedule']} "
+          f"overlap {pol['overlap']} cpu_attention {pol['cpu_attention']}")
+    print(f"prefill  {r['prefill_s']:9.3f} s  {r['prefill_tok_s']:10.1f} tok/s")
+    print(f"decode   {r['decode_s']:9.3f} s  {r['decode_tok_s']:10.1f} tok/s")
+    print(f"total    {r['total_s']:9.3f} s  {r['total_tok_s']:10.1f} tok/s  (generation throughput)")
+    for tier, peak in r["peaks"].items():
+        print(f"peak {tier:5s} {fmt_bytes(peak):>12s} of {fmt_bytes(r['budgets'][tier])}   "
+              f"weights {fmt_bytes(r['weights'][tier])}")
+    for link, n in sorted(r["links"].items()):
+        print(f"moved {link:10s} {fmt_bytes(n):>12s}")
+    return 0
 
 
 @command("generate")
@@ -49,7 +107,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             stop_token_ids=args.stop_token_id or None, ignore_eos=args.ignore_eos)
     llm = load_llm(args)
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, chat=args.chat, progress=not args.json and sys.stderr.isatty())
+    try:
+        outs = llm.generate(prompts, params, chat=args.chat, progress=not args.json and sys.stderr.isatty())
+    finally:
+        llm.close()
     dt = time.perf_counter() - t0
     for o in outs:
         if args.json:
@@ -74,7 +135,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         raise TiergenError(f"cannot read {args.file}: {e}") from None
     llm = load_llm(args)
     t0 = time.perf_counter()
-    r = llm.perplexity(text, window=args.window, stride=args.stride, progress=sys.stderr.isatty())
+    try:
+        r = llm.perplexity(text, window=args.window, stride=args.stride, progress=sys.stderr.isatty())
+    finally:
+        llm.close()
     dt = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"file": args.file, "ppl": r.ppl, "nll": r.nll, "num_tokens": r.num_tokens,
@@ -101,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-token-id", type=int, action="append", help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+
+    b = sub.add_parser("bench", help="generation throughput of a policy on random prompts")
+    add_model_args(b)
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--num-prompts", type=int, default=None, help="default: one block")
+    b.add_argument("--json", action="store_true", help="one JSON object with every figure")
 
     p = sub.add_parser("ppl", help="perplexity of a text file (sliding window)")
     add_model_args(p)

@@ -154,16 +154,15 @@ class Engine:
         mbs = [m for m, _ in built]
         for mb in mbs:
             mb.generators = make_generators(params, [s.index for s in mb.seqs])
+        tick = on_token or (lambda: None)
         try:
             tokens = self.sample_next(mbs, self.prefill(mbs, [x for _, x in built]), params, stopper)
+            tick()
             for _ in range(steps - 1):
-                if on_token:
-                    on_token()
                 if all(s.done for mb in mbs for s in mb.seqs):
                     break
                 tokens = self.sample_next(mbs, self.decode_step(mbs, tokens), params, stopper)
-            if on_token:
-                on_token()
+                tick()
         finally:
             self.finish(mbs)
 

@@ -175,7 +175,8 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt] | None = None,
                  params: SamplingParams | None = None, *,
                  prompt_token_ids: Seq[Seq[int]] | None = None, chat: bool = False,
-                 progress: bool = False) -> list[Output]:
+                 progress: bool = False, on_step: Any = None) -> list[Output]:
+        """``on_step`` is called after every forward pass of every block (prefill first)."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -196,7 +197,12 @@ class LLM:
         self._check_block_fits(blocks, max(s.limit for s in seqs))
         for block in blocks:
             n = sum(len(m) for m in block)
-            self.engine.generate_block(block, params, stopper, on_token=(lambda: bar.update(n)) if bar else None)
+            def tick(n: int = n) -> None:
+                if bar:
+                    bar.update(n)
+                if on_step:
+                    on_step()
+            self.engine.generate_block(block, params, stopper, on_token=tick)
         if bar:
             bar.close()
         return [Output(prompt=shown[s.index], prompt_token_ids=s.prompt_ids,
