@@ -68,6 +68,7 @@ class CappedRun:
     peak_anon_bytes: int               # max sampled memory.stat rss (anonymous memory)
     peak_anon_mapped_bytes: int        # max sampled rss + mapped_file (mmap'd files too)
     wall_s: float
+    disk_read_bytes: int               # /proc/diskstats delta over the run (whole machine)
     oom_killed: bool                   # the kernel's OOM killer fired inside the cgroup
     timed_out: bool
     oom_kill_count: int                # from memory.oom_control (-1: not reported)
@@ -156,6 +157,21 @@ def resident_fraction(path: str | os.PathLike[str]) -> float:
             _libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
     finally:
         os.close(fd)
+
+
+def disk_read_bytes() -> int:
+    """Bytes read from all physical disks so far (/proc/diskstats, whole disks
+    only). System-wide: other processes' reads count too."""
+    try:
+        disks = {d for d in os.listdir("/sys/block") if not d.startswith(("loop", "ram", "zram"))}
+        total = 0
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if len(f) > 5 and f[2] in disks:
+                total += int(f[5]) * 512  # sectors read are 512-byte units
+        return total
+    except (OSError, ValueError):
+        return -1
 
 
 def _walk_files(paths: Sequence[str | os.PathLike[str]]) -> Iterator[Path]:
@@ -317,6 +333,7 @@ def run_capped(cmd: list[str], mem_bytes: int, timeout: float, *,
                              preexec_fn=enter, start_new_session=True, env=env, cwd=cwd)
         sampler = _Sampler(cg, sample_s)
         sampler.start()
+        rd0 = disk_read_bytes()
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -329,6 +346,7 @@ def run_capped(cmd: list[str], mem_bytes: int, timeout: float, *,
         finally:
             sampler.stop()
         wall = time.perf_counter() - t0
+        rd = disk_read_bytes() - rd0 if rd0 >= 0 else -1
 
         oom = _read_kv(cg, "memory.oom_control")
         kills = oom.get("oom_kill", -1)
@@ -337,7 +355,7 @@ def run_capped(cmd: list[str], mem_bytes: int, timeout: float, *,
             returncode=rc, stdout=out, stderr=err,
             peak_bytes=_read_int(cg, "memory.max_usage_in_bytes"), mem_bytes=mem_bytes,
             peak_anon_bytes=sampler.peak_anon, peak_anon_mapped_bytes=sampler.peak_anon_mapped,
-            wall_s=round(wall, 3),
+            wall_s=round(wall, 3), disk_read_bytes=rd,
             oom_killed=kills > 0 or (rc == -signal.SIGKILL and not timed_out),
             timed_out=timed_out, oom_kill_count=kills,
             failcnt=_read_int(cg, "memory.failcnt"), memsw_capped=memsw,

@@ -132,6 +132,7 @@ def run_tiergen(a: argparse.Namespace, spec: str) -> dict[str, Any]:
            "--gen-len", str(a.gen_len), "--gpu-batch-size", str(b), "--num-gpu-batches", str(k),
            "--percent", *map(str, a.tiergen_percent), "--cpu-mem", str(a.tiergen_cpu_mem),
            "--offload-dir", str(Path(a.offload_dir) / "tiergen"), "--json", *a.tiergen_extra.split()]
+    (Path(a.offload_dir) / "tiergen").mkdir(parents=True, exist_ok=True)
     r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir, a.offload_dir], cwd=str(ROOT))
     res = last_json(r.stdout)
     err = r.stderr
@@ -161,6 +162,11 @@ def rate_at(table: dict[str, Any], rows: int) -> float:
         return table[str(rows)]["GFLOPs"]
     near = min(table, key=lambda r: abs(int(r) - rows))
     return table[near]["GFLOPs"]
+
+
+def weight_bytes(model_dir: str) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return rl.Shape.from_config(cfg).weight_bytes(2, cfg.get("max_position_embeddings", 2048))
 
 
 def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,7 +201,8 @@ def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict
             disk = float(r["result"]["device_map_summary"]["bytes_per_device"].get("disk", 0))
         else:
             w_gpu, w_cpu = a.tiergen_percent[0], a.tiergen_percent[1]
-            disk = W * max(0.0, 100 - w_gpu - w_cpu) / 100
+            disk = float(r["result"].get("weights", {}).get("disk")  # what it says it put there
+                         or W * max(0.0, 100 - w_gpu - w_cpu) / 100)
         d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(dec, mb))
         t = rl.total_roofline(shape, B, P, G, disk, bw, rate_at(dec, mb), rate_at(pre, mb))
         r["roofline"] = {"disk_bytes": disk, "decode_tok_s": d["decode_tok_s"], "step_s": d["step_s"],
@@ -216,13 +223,13 @@ def fnum(x: float | None, nd: int = 2) -> str:
 def report(data: dict[str, Any]) -> str:
     a = data["args"]
     out: list[str] = []
-    out.append(f"Model {a['model_dir']} ({fmt_bytes(data['roofline']['weight_bytes']) if data.get('roofline') else '?'} "
+    out.append(f"Model {a['model_dir']} ({fmt_bytes(data['weight_bytes'])} "
                f"bf16 weights), cap {fmt_bytes(a['mem_cap'])} (RAM + page cache + swap), "
                f"prompt {a['prompt_len']}, gen {a['gen_len']}; page cache dropped before each run: "
                f"{data['drop_caches_permitted']}\n")
     out.append("| system | batch | policy | prefill tok/s | decode tok/s | total tok/s | "
-               "peak cgroup (anon) | roofline decode tok/s | wall s | status |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+               "peak cgroup (anon) | disk read | roofline decode tok/s | wall s | status |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in data["runs"]:
         res = r.get("result") or {}
         c = r["capped"]
@@ -232,8 +239,15 @@ def report(data: dict[str, Any]) -> str:
         out.append(f"| {r['system']} | {r['batch']} | {r['policy']} | "
                    f"{fnum(res.get('prefill_tok_s')) if ok else '–'} | "
                    f"{fnum(res.get('decode_tok_s')) if ok else '–'} | "
-                   f"{fnum(res.get('total_tok_s')) if ok else '–'} | {peak} | {roof} | "
+                   f"{fnum(res.get('total_tok_s')) if ok else '–'} | {peak} | "
+                   f"{fmt_bytes(c['disk_read_bytes']) if c['disk_read_bytes'] >= 0 else '?'} | {roof} | "
                    f"{c['wall_s']:.0f} | {r['status']} |")
+    out.append("")
+    out.append("peak cgroup: memory.max_usage_in_bytes (RAM + page cache; a run that streams "
+               "weights through the page cache fills it to the cap); anon: sampled peak of "
+               "anonymous memory; disk read: /proc/diskstats delta over the whole run (load and "
+               "warm-up included, machine-wide); roofline: decode tok/s allowed by the disk bytes "
+               "that run's placement reads per step.")
     best = data["best"]
     out.append("")
     for s in ("accelerate", "tiergen"):
@@ -298,7 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--acc-cpu-mem", default="1GiB", help="Accelerate max_memory['cpu']")
     ap.add_argument("--tiergen-batches", nargs="+", default=["1x1", "8x1", "32x1"],
                     help="gpu_batch_size x num_gpu_batches, e.g. 16x2")
-    ap.add_argument("--tiergen-percent", type=float, nargs=6, default=[0, 30, 0, 100, 0, 100],
+    ap.add_argument("--tiergen-percent", type=float, nargs=6, default=[0, 35, 0, 100, 0, 100],
                     metavar="P", help="w_gpu w_cpu c_gpu c_cpu a_gpu a_cpu (FlexGen's six numbers)")
     ap.add_argument("--tiergen-cpu-mem", default="1GiB", help="tiergen's host RAM tier budget (--cpu-mem)")
     ap.add_argument("--tiergen-extra", default="", help="more tiergen bench flags, e.g. '--compress-weight'")
@@ -366,16 +380,17 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(a).items()}, "machine": machine_info(),
         "drop_caches_permitted": dropped, "probe": probe, "runs": runs, "best": best,
         "ratio_total_tok_s": ratio, "seconds": round(time.perf_counter() - t_all, 1),
+        "weight_bytes": weight_bytes(a.model_dir),
     }
     if probe and probe.get("result"):
         data["roofline"] = build_roofline(a, probe["result"], runs)
     text = report(data)
     data["report_markdown"] = text
-    print(text)
-    if a.out:
+    if a.out:  # written first, so a closed stdout cannot lose it
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(data, indent=1, default=str))
-        print(f"\nraw results: {a.out}", file=sys.stderr)
+        print(f"raw results: {a.out}", file=sys.stderr)
+    print(text)
     return 0 if any(r["status"] == "ok" for r in runs) or not runs else 1
 
 

@@ -70,7 +70,6 @@ def test_bf16_close_to_fp32(hf_model_dirs):
 
 def test_gguf_load_keeps_peak_memory_near_model_size(smollm_path):
     """Streaming: loading must not hold the model twice (measured as peak RSS growth)."""
-    import resource
     import subprocess
     import sys
     code = ("import resource, torch; from tiergen import LLM; "

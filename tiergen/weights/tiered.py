@@ -215,6 +215,8 @@ class TieredWeights:
             return
         ready, charged, buf, charged_host = item
         ready.get()   # never recycle a buffer a read is still filling
+        if buf is not None:
+            ready.wait_copies()   # ...or one an async host->device copy is still reading
         if charged:
             self.tiers.gpu.free(charged)
         if buf is not None:
@@ -241,6 +243,10 @@ class _GroupReady:
 
     def __init__(self, out: Weights, events: list, fut: Any):
         self.out, self.events, self.fut, self.done = out, events, fut, False
+
+    def wait_copies(self) -> None:
+        for ev in self.events:
+            ev.synchronize()
 
     def get(self) -> Weights:
         if not self.done:
