@@ -34,6 +34,14 @@ def smollm_path():
     return embedded_model_path()
 
 
+@pytest.fixture(scope="session")
+def hf_smollm(smollm_path):
+    """transformers' own load of the embedded GGUF (slow: once per session)."""
+    from transformers import AutoModelForCausalLM
+    d, f = os.path.split(smollm_path)
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

