@@ -81,7 +81,12 @@ def test_disk_weights_are_read_once_per_block_pass(hf_model_dirs, tmp_path):
     llm.generate(prompt_token_ids=PROMPTS, params=params)        # one block of 2x2
     read = llm.memory_report()["links"]["disk->gpu"]
     passes = steps     # prefill + (steps - 1) decode passes
-    assert on_disk * passes <= read <= on_disk * passes * 1.05
+    # the embedding table is read by rows (only the ids a pass needs), the rest whole
+    tok = llm.weights.homes["embed"]["tok"]
+    table = tok.shape[0] * tok.shape[1] * 4
+    streamed = on_disk - table
+    rows = sum(len(set(p)) for p in PROMPTS) + steps * len(PROMPTS)
+    assert streamed * passes <= read <= streamed * passes * 1.05 + rows * tok.shape[1] * 4
     # the row schedule fetches every layer once per micro-batch instead
     row = LLM(path, dtype="float32", policy=P([0, 0, 100, 0, 100, 0], bs=2, k=2, schedule="row"),
               offload_dir=str(tmp_path))

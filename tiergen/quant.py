@@ -276,7 +276,7 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     shape = tuple(q.shape) or (1,)
     gd = _norm_dim(cfg.group_dim, len(shape))
     codes = unpack(q.data, cfg.bits, cfg.group_size)
-    x = codes.float() * q.scales.float()[..., None] + q.mins.float()[..., None]
+    x = codes.to(torch.float32).mul_(q.scales.float()[..., None]).add_(q.mins.float()[..., None])
     x = x.reshape(*x.shape[:-2], -1)[..., :shape[gd]]
     if cfg.rotate:
         x = hadamard(x, -1)

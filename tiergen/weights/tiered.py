@@ -106,16 +106,15 @@ class TieredWeights:
             homes, off = {}, 0
             for k, s in group_shapes.items():
                 homes[k] = Home(place[k], tuple(s))
-                if place[k] == "disk":
+                if place[k] == "disk" and (g, k) in GATHERED:
+                    n = -(-_nbytes(s, dtype) // ALIGN) * ALIGN   # a file of its own, read by rows
+                    self._new_file((g, k), n, offload)
+                elif place[k] == "disk":
                     homes[k].offset = off
                     off += -(-_nbytes(s, dtype) // ALIGN) * ALIGN
             self.homes[g] = homes
             if off:
-                if offload is None:
-                    raise ValueError("disk-homed weights need an offload directory")
-                tiers.disk.alloc(off, f"weights of {g}")
-                self.files[g] = offload.new_file(f"weights_{g}.bin", off)
-                self.disk_span[g] = off
+                self._new_file(g, off, offload)
         self._load_all(source, model, shapes, pin)
         self.loaded: dict[str | int, tuple[Ready, int, torch.Tensor | None]] = {}
 
@@ -139,6 +138,14 @@ class TieredWeights:
                     where = f"layer {g}" if isinstance(g, int) else g
                     raise CheckpointError(f"{source.description}: missing weight {key!r} of {where}")
 
+    def _new_file(self, key: Any, nbytes: int, offload: OffloadDir | None) -> None:
+        if offload is None:
+            raise ValueError("disk-homed weights need an offload directory")
+        self.tiers.disk.alloc(nbytes, f"weights of {key}")
+        name = "_".join(str(x) for x in key) if isinstance(key, tuple) else str(key)
+        self.files[key] = offload.new_file(f"weights_{name}.bin", nbytes)
+        self.disk_span[key] = nbytes
+
     def _store(self, g: str | int, key: str, t: torch.Tensor, pin: bool, share: Home | None = None) -> None:
         h = self.homes[g][key]
         if share is not None and share.tier == h.tier and h.tier != "disk":
@@ -150,7 +157,7 @@ class TieredWeights:
             self.tiers.cpu.alloc(t.nbytes, f"weight {key} of {g}")
             h.tensor = t.pin_memory() if pin and self.mover.cuda else t
         else:
-            self.files[g].write_from(h.offset, t.view(-1).view(torch.uint8))
+            self.files[(g, key) if (g, key) in GATHERED else g].write_from(h.offset, t.view(-1).view(torch.uint8))
             self.tiers.links.add("cpu->disk", t.nbytes)
 
     # ------------------------------------------------------------- streaming
@@ -165,12 +172,14 @@ class TieredWeights:
         for k, h in homes.items():
             if h.tier == "gpu":
                 out[k] = h.tensor
+            elif (g, k) in GATHERED:
+                out[k] = RowGather(self, g, k)
             elif h.tier == "cpu":
                 out[k], ev = self.mover.to_compute(h.tensor, "cpu->gpu")
                 if ev is not None:
                     events.append(ev)
                     charged += h.tensor.nbytes
-        disk_keys = [k for k, h in homes.items() if h.tier == "disk"]
+        disk_keys = [k for k, h in homes.items() if h.tier == "disk" and (g, k) not in GATHERED]
         buf = None
         if disk_keys:
             span, base = self.disk_span[g], 0
@@ -235,6 +244,38 @@ class TieredWeights:
                 if key not in seen:
                     seen.add(key)
                     out[h.tier] += _nbytes(h.shape, self.dtype)
+        return out
+
+
+# Tables the model only indexes by token id: fetched row by row, never whole.
+GATHERED = {("embed", "tok")}
+
+
+class RowGather:
+    """Stands in for an embedding table homed off the compute device: ``table[ids]``
+    fetches just the rows those ids need (one small read per distinct id on disk)."""
+
+    def __init__(self, store: "TieredWeights", g: str | int, key: str):
+        self.store, self.home = store, store.homes[g][key]
+        self.file = store.files.get((g, key))
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        st, h = self.store, self.home
+        flat = ids.reshape(-1).cpu()
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        width = h.shape[1]
+        if h.tier == "cpu":
+            rows = h.tensor[uniq]
+        else:
+            rows = torch.empty(len(uniq), width, dtype=st.dtype)
+            row_bytes = rows[0].nbytes
+            for i, t in enumerate(uniq.tolist()):
+                self.file.read_into(h.offset + t * row_bytes, rows[i].view(torch.uint8))
+            st.tiers.links.add("disk->cpu" if st.mover.cuda else "disk->gpu", rows.nbytes)
+        out = rows[inverse].view(*ids.shape, width)
+        if st.mover.cuda:
+            st.tiers.links.add("cpu->gpu", out.nbytes)
+            return out.to(st.device)
         return out
 
 
