@@ -31,7 +31,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import roofline as rl  # noqa: E402
-from benchmarks.cgroup import GiB, available, fmt_bytes, parse_bytes, run_capped  # noqa: E402
+from benchmarks.cgroup import (available, evict_files, fmt_bytes,  # noqa: E402
+                               machine_busy_s, mappers, parse_bytes, run_capped)
 
 DEFAULT_MODEL = "/tmp/tiergen-bench/opt-1.3b-random"
 TINY_MODEL = "/tmp/tiergen-bench/opt-tiny-random"
@@ -58,9 +59,20 @@ def tail(text: str, n: int = 1500) -> str:
 
 
 def parse_tiergen_batch(spec: str) -> tuple[int, int]:
-    """'16x2' -> (gpu_batch_size 16, num_gpu_batches 2); '8' -> (8, 1)."""
-    b, _, k = spec.lower().partition("x")
+    """'16x2' -> (gpu_batch_size 16, num_gpu_batches 2); '8' -> (8, 1). See parse_tiergen_spec."""
+    b, _, k = spec.split("@")[0].split("+")[0].lower().partition("x")
     return int(b), int(k or 1)
+
+
+def parse_tiergen_spec(spec: str, default_percent: list) -> tuple[int, int, list, list[str]]:
+    """'BxK[@p1,...,p6][+flag[+flag]]', e.g. '32x4@0,35,0,50,0,100+--schedule=row+--no-overlap':
+    block shape, the six percents (default --tiergen-percent) and extra bench flags."""
+    head, *flags = spec.split("+")
+    shape, _, pct = head.partition("@")
+    b, k = parse_tiergen_batch(shape)
+    percent = [float(x) for x in pct.split(",")] if pct else list(default_percent)
+    percent = [int(p) if float(p).is_integer() else p for p in percent]
+    return b, k, percent, flags
 
 
 def tiergen_cmd() -> list[str]:
@@ -95,8 +107,42 @@ def machine_info() -> dict[str, Any]:
 
 def capped_entry(r: Any) -> dict[str, Any]:
     s = r.summary()
-    s.pop("evicted", None)
+    ev = s.pop("evicted", None) or {}
+    # share of the evicted files still cached when the run began (0 = all cold)
+    s["resident_after_evict"] = max(ev.values()) if ev else None
     return s
+
+
+def cache_leak_check(a: argparse.Namespace) -> dict[str, Any]:
+    """Who else holds the model files (their cached pages are not charged to
+    our cgroup, so a capped run would read them for free)."""
+    hold = mappers([a.model_dir])
+    return {"other_processes": {str(k): v for k, v in hold.items()}}
+
+
+def wait_quiet(a: argparse.Namespace) -> dict[str, float]:
+    """Wait (at most --quiet-wait s) until the rest of the machine uses less
+    than --quiet-cores cores, so other people's jobs do not eat into a run."""
+    t0 = time.perf_counter()
+    level = -1.0
+    while True:
+        b0 = machine_busy_s()
+        time.sleep(1.0)
+        level = machine_busy_s() - b0  # cores busy over that second (we only slept)
+        waited = time.perf_counter() - t0
+        if level <= a.quiet_cores or waited >= a.quiet_wait:
+            return {"waited_s": round(waited, 1), "others_cores": round(level, 2)}
+
+
+def private_copy(src: str, dst: Path) -> str:
+    """Copy a model dir (a new inode per file, so a page cache of its own);
+    other processes reading the original cannot share pages with our runs."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+    evict_files([dst])  # flush and drop what the copy left in the cache
+    return str(dst)
 
 
 # ---------------------------------------------------------------- the runs
@@ -105,10 +151,11 @@ def run_probe(a: argparse.Namespace, rows: list[int]) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "roofline.py"), "--probe", "--model-dir", a.model_dir,
            "--batches", *map(str, rows), "--prompt-len", str(a.prompt_len),
            "--disk-bytes", str(a.probe_disk_bytes)]
+    quiet = wait_quiet(a)
     r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir], cwd=str(ROOT))
     res = last_json(r.stdout)
     print(f"[probe] {r.wall_s:.0f} s, rc {r.returncode}", file=sys.stderr)
-    return {"command": cmd, "capped": capped_entry(r), "result": res,
+    return {"command": cmd, "quiet": quiet, "capped": capped_entry(r), "result": res,
             "stderr_tail": None if res else tail(r.stderr)}
 
 
@@ -116,23 +163,25 @@ def run_accelerate(a: argparse.Namespace, batch: int) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "run_accelerate.py"), "--model-dir", a.model_dir,
            "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
            "--cpu-mem", str(a.acc_cpu_mem), "--offload-dir", str(Path(a.offload_dir) / "accelerate")]
+    quiet = wait_quiet(a)
     r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir, a.offload_dir], cwd=str(ROOT))
     res = last_json(r.stdout)
     status = "ok" if (r.returncode == 0 and res) else (
         "oom" if r.oom_killed else "timeout" if r.timed_out else "failed")
     print(f"[accelerate b={batch}] {status}, {r.wall_s:.0f} s", file=sys.stderr)
     return {"system": "accelerate", "batch": batch, "policy": f"max_memory cpu={a.acc_cpu_mem}, rest disk",
-            "status": status, "command": cmd, "capped": capped_entry(r), "result": res,
+            "status": status, "command": cmd, "quiet": quiet, "capped": capped_entry(r), "result": res,
             "stderr_tail": None if status == "ok" else tail(r.stderr)}
 
 
 def run_tiergen(a: argparse.Namespace, spec: str) -> dict[str, Any]:
-    b, k = parse_tiergen_batch(spec)
+    b, k, percent, flags = parse_tiergen_spec(spec, a.tiergen_percent)
     cmd = [*tiergen_cmd(), "bench", "--model", a.model_dir, "--prompt-len", str(a.prompt_len),
            "--gen-len", str(a.gen_len), "--gpu-batch-size", str(b), "--num-gpu-batches", str(k),
-           "--percent", *map(str, a.tiergen_percent), "--cpu-mem", str(a.tiergen_cpu_mem),
-           "--offload-dir", str(Path(a.offload_dir) / "tiergen"), "--json", *a.tiergen_extra.split()]
+           "--percent", *map(str, percent), "--cpu-mem", str(a.tiergen_cpu_mem),
+           "--offload-dir", str(Path(a.offload_dir) / "tiergen"), "--json", *a.tiergen_extra.split(), *flags]
     (Path(a.offload_dir) / "tiergen").mkdir(parents=True, exist_ok=True)
+    quiet = wait_quiet(a)
     r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir, a.offload_dir], cwd=str(ROOT))
     res = last_json(r.stdout)
     err = r.stderr
@@ -147,10 +196,11 @@ def run_tiergen(a: argparse.Namespace, spec: str) -> dict[str, Any]:
     else:
         status = "failed"
     print(f"[tiergen {b}x{k}] {status}, {r.wall_s:.0f} s", file=sys.stderr)
-    pct = " ".join(map(str, a.tiergen_percent))
+    pct = " ".join(map(str, percent))
+    extra = " ".join([*a.tiergen_extra.split(), *flags])
     return {"system": "tiergen", "batch": b * k, "gpu_batch_size": b, "num_gpu_batches": k,
-            "policy": f"{b}x{k}, percent {pct}{' ' + a.tiergen_extra if a.tiergen_extra else ''}",
-            "status": status, "command": cmd, "capped": capped_entry(r), "result": res,
+            "policy": f"{b}x{k}, percent {pct}{' ' + extra if extra else ''}",
+            "status": status, "command": cmd, "quiet": quiet, "capped": capped_entry(r), "result": res,
             "stderr_tail": None if status == "ok" else tail(err)}
 
 
@@ -182,8 +232,9 @@ def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict
     batches = sorted({r["batch"] for r in runs} | set(a.acc_batches))
     for B in batches:
         kv = shape.kv_bytes(B, P + G)
-        # best placement the cap allows: keep (cap - runtime - KV cache) of weights in RAM
-        keep = max(0, a.mem_cap - runtime - kv)
+        # best placement the cap allows: keep what the runtime, the KV cache and
+        # a double buffer for streamed layers leave of the cap
+        keep = max(0, a.mem_cap - runtime - kv - 2 * shape.layer_weight_bytes())  # + 2 layer buffers
         for label, disk in (("min disk traffic under the cap", max(0.0, W - keep)),
                             ("all weights streamed from disk", float(W))):
             d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(dec, B))
@@ -200,9 +251,10 @@ def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict
         if r["system"] == "accelerate":
             disk = float(r["result"]["device_map_summary"]["bytes_per_device"].get("disk", 0))
         else:
-            w_gpu, w_cpu = a.tiergen_percent[0], a.tiergen_percent[1]
-            disk = float(r["result"].get("weights", {}).get("disk")  # what it says it put there
-                         or W * max(0.0, 100 - w_gpu - w_cpu) / 100)
+            # what the run really read from disk per forward pass (streamed weights, embedding
+            # rows, KV-cache prefixes): prefill plus gen_len - 1 decode steps = gen_len passes
+            links = r["result"].get("links", {})
+            disk = float(links.get("disk->gpu", 0) + links.get("disk->cpu", 0)) / max(1, G)
         d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(dec, mb))
         t = rl.total_roofline(shape, B, P, G, disk, bw, rate_at(dec, mb), rate_at(pre, mb))
         r["roofline"] = {"disk_bytes": disk, "decode_tok_s": d["decode_tok_s"], "step_s": d["step_s"],
@@ -223,7 +275,7 @@ def fnum(x: float | None, nd: int = 2) -> str:
 def report(data: dict[str, Any]) -> str:
     a = data["args"]
     out: list[str] = []
-    out.append(f"Model {a['model_dir']} ({fmt_bytes(data['weight_bytes'])} "
+    out.append(f"Model {data['model_source_dir']} ({fmt_bytes(data['weight_bytes'])} "
                f"bf16 weights), cap {fmt_bytes(a['mem_cap'])} (RAM + page cache + swap), "
                f"prompt {a['prompt_len']}, gen {a['gen_len']}; page cache dropped before each run: "
                f"{data['drop_caches_permitted']}\n")
@@ -248,6 +300,17 @@ def report(data: dict[str, Any]) -> str:
                "anonymous memory; disk read: /proc/diskstats delta over the whole run (load and "
                "warm-up included, machine-wide); roofline: decode tok/s allowed by the disk bytes "
                "that run's placement reads per step.")
+    warm = [f"{r['system']} {r['batch']}: {r['capped']['resident_after_evict']:.0%}" for r in data["runs"]
+            if (r["capped"].get("resident_after_evict") or 0) > 0.02]
+    if warm:
+        out.append("WARNING: model pages still cached when these runs began (read outside the cap): "
+                   + ", ".join(warm))
+    busy = [(r["system"], r["batch"], r["capped"]["cpu_others_s"] / max(r["capped"]["wall_s"], 1e-9))
+            for r in data["runs"]]
+    noisy = [f"{s} {b}: {c:.2f}" for s, b, c in busy if c > 0.1]
+    if noisy:
+        out.append("WARNING: other processes used CPU during these runs (average cores): "
+                   + ", ".join(noisy) + "; their numbers are low by up to that share.")
     best = data["best"]
     out.append("")
     for s in ("accelerate", "tiergen"):
@@ -261,7 +324,7 @@ def report(data: dict[str, Any]) -> str:
     if roof:
         p = data["probe"]["result"]
         out.append("")
-        out.append(f"Roofline inputs (measured under the cap): disk O_DIRECT "
+        out.append("Roofline inputs (measured under the cap): disk O_DIRECT "
                    + ", ".join(f"{d['streams']} stream{'s' if d['streams'] > 1 else ''} "
                                f"{d['GBps']:.2f} GB/s" for d in p["disk_direct"])
                    + f"; buffered read {p['disk_buffered']['GBps']:.2f} GB/s; bf16 matmul at "
@@ -320,8 +383,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=420, help="seconds per run")
     ap.add_argument("--probe-disk-bytes", type=float, default=4e9)
     ap.add_argument("--no-probe", action="store_true", help="skip the roofline measurements")
+    ap.add_argument("--repeat", type=int, default=1, help="run every configuration this many times "
+                    "(all rows are reported; the best is taken)")
+    ap.add_argument("--quiet-cores", type=float, default=0.25,
+                    help="before each run, wait until other processes use fewer cores than this")
+    ap.add_argument("--quiet-wait", type=float, default=20, help="but wait at most this long (s); 0: never")
     ap.add_argument("--out", default=None, help="write all raw results as JSON here")
-    ap.add_argument("--quick", action="store_true", help="tiny model and sizes: smoke-test the pipeline")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny model and sizes (overrides the size options): smoke-test the pipeline")
+    ap.add_argument("--no-private-copy", dest="private_copy", action="store_false",
+                    help="run on --model-dir itself, not on a private copy (then any other process "
+                         "that has the files cached lets the runs read them outside the cap)")
     a = ap.parse_args(argv)
     if a.quick:
         a.model_dir = a.model_dir or TINY_MODEL
@@ -355,6 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     ensure_model(a)
     Path(a.offload_dir).mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
+    source_dir, copy_dir = a.model_dir, None
+    holders = cache_leak_check(a)
+    if holders["other_processes"]:
+        print(f"[model] other processes hold {a.model_dir}: {holders['other_processes']}", file=sys.stderr)
+    if a.private_copy:
+        copy_dir = Path(a.offload_dir) / f"model-copy-{os.getpid()}"
+        print(f"[model] private copy in {copy_dir}", file=sys.stderr)
+        a.model_dir = private_copy(source_dir, copy_dir)
+    try:
+        return run_all(a, t_all, source_dir, holders)
+    finally:
+        if copy_dir is not None:
+            shutil.rmtree(copy_dir, ignore_errors=True)
+        a.model_dir = source_dir
+
+
+def run_all(a: argparse.Namespace, t_all: float, source_dir: str, holders: dict[str, Any]) -> int:
 
     runs: list[dict[str, Any]] = []
     probe: dict[str, Any] | None = None
@@ -362,14 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted(set(a.acc_batches) | {parse_tiergen_batch(s)[0] for s in a.tiergen_batches}
                       | {b * k for b, k in map(parse_tiergen_batch, a.tiergen_batches)})
         probe = run_probe(a, rows)
-    if "accelerate" in a.systems:
-        runs += [run_accelerate(a, b) for b in a.acc_batches]
-    if "tiergen" in a.systems:
-        for spec in a.tiergen_batches:
-            r = run_tiergen(a, spec)
-            runs.append(r)
-            if r["status"] == "not available":
-                break  # the subcommand does not exist: no point trying other sizes
+    tiergen_missing = False
+    for rep in range(a.repeat):
+        if "accelerate" in a.systems:
+            runs += [dict(run_accelerate(a, b), repeat=rep) for b in a.acc_batches]
+        if "tiergen" in a.systems and not tiergen_missing:
+            for spec in a.tiergen_batches:
+                r = dict(run_tiergen(a, spec), repeat=rep)
+                runs.append(r)
+                if r["status"] == "not available":
+                    tiergen_missing = True  # no such subcommand: no point trying other sizes
+                    break
 
     dropped = all(r["capped"]["caches_dropped"] for r in runs) if runs else None
     best = pick_best(runs)
@@ -380,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(a).items()}, "machine": machine_info(),
         "drop_caches_permitted": dropped, "probe": probe, "runs": runs, "best": best,
         "ratio_total_tok_s": ratio, "seconds": round(time.perf_counter() - t_all, 1),
-        "weight_bytes": weight_bytes(a.model_dir),
+        "weight_bytes": weight_bytes(a.model_dir), "model_source_dir": source_dir,
+        "model_holders_at_start": holders, "model_holders_at_end": cache_leak_check(a),
     }
     if probe and probe.get("result"):
         data["roofline"] = build_roofline(a, probe["result"], runs)
