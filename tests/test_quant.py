@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tiergen.quant import (QTensor, QuantConfig, dequantize, hadamard, layout, pack, packed_size,
+from tiergen.quant import (KVQuantConfig, QTensor, QuantConfig, dequantize, hadamard, layout, pack, packed_size,
                            quantize, quantized_nbytes, unpack)
 
 SHAPES = [(7, 13), (1, 1), (3, 65), (130, 3)]
@@ -203,3 +203,26 @@ def test_rotated_quantization_error() -> None:
     plain = dequantize(quantize(x, QuantConfig(bits=4)))
     rot = dequantize(quantize(x, QuantConfig(bits=4, rotate=True)))
     assert (rot - x).norm() < (plain - x).norm()
+
+
+def test_kv_config() -> None:
+    kv = KVQuantConfig()
+    assert kv.key(token_dim=2) == QuantConfig(4, 64, 2) and kv.value() == QuantConfig(4, 64, -1)
+    assert kv.unquantized_keys(130) == 2
+    per_token = KVQuantConfig(bits=8, per_channel_keys=False)
+    assert per_token.key(token_dim=0) == QuantConfig(8, 64, -1) and per_token.unquantized_keys(130) == 0
+    with pytest.raises(ValueError):
+        KVQuantConfig(bits=9)
+
+
+def test_per_channel_keys_blockwise() -> None:
+    # Per-channel keys: each full block of group_size tokens is quantized on its own,
+    # and blocks concatenate along the group axis into the whole cache.
+    kv = KVQuantConfig(group_size=16)
+    k = torch.randn(2, 3, 48, 64)           # [batch, kv_heads, tokens, head_dim]
+    cfg = kv.key(token_dim=2)
+    whole = quantize(k, cfg)
+    blocks = [quantize(k[:, :, i:i + 16], cfg) for i in range(0, 48, 16)]
+    assert torch.equal(torch.cat([b.data for b in blocks], -2), whole.data)
+    assert torch.equal(torch.cat([b.mins for b in blocks], -1), whole.mins)
+    check_half_step(k, whole)

@@ -64,6 +64,37 @@ class QuantConfig:
         return (1 << self.bits) - 1
 
 
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """How to quantize the KV cache (defaults measured in benchmarks/quant_ppl_results.md).
+
+    Post-RoPE keys have a few channels far larger than the rest, so one min/scale
+    per token and head cannot serve both: with ``per_channel_keys`` (KIVI-style)
+    keys are grouped along tokens, ``group_size`` consecutive tokens per channel,
+    and an engine keeps the newest ``len % group_size`` keys unquantized until their
+    group is full. Values are always grouped per token along head_dim.
+    """
+    bits: int = 4
+    group_size: int = 64
+    per_channel_keys: bool = True
+    scale_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        self.value(-1)  # validates bits, group size and scale dtype
+
+    def key(self, token_dim: int, head_dim: int = -1) -> QuantConfig:
+        """Config for keys laid out with tokens on ``token_dim`` and channels on ``head_dim``."""
+        dim = token_dim if self.per_channel_keys else head_dim
+        return QuantConfig(self.bits, self.group_size, dim, self.scale_dtype)
+
+    def value(self, head_dim: int = -1) -> QuantConfig:
+        return QuantConfig(self.bits, self.group_size, head_dim, self.scale_dtype)
+
+    def unquantized_keys(self, num_tokens: int) -> int:
+        """How many of the newest keys stay in the residual (16-bit) buffer."""
+        return num_tokens % self.group_size if self.per_channel_keys else 0
+
+
 def _chunk(bits: int) -> tuple[int, int]:
     """(codes, bytes) of one packing chunk."""
     return (8 // bits, 1) if 8 % bits == 0 else (8, bits)
