@@ -57,10 +57,11 @@ def _cases() -> dict[str, Case]:
         c[f"w4-g{g}-out"] = Case(f32, weight=w(4, g, 0), note=f"4-bit weights, groups of {g} along the output dim")
     c["w4-g32-in-shift16"] = Case(f32, weight=w(4, 32, -1), weight_shift=16,
                                   note="groups of 32 along the input dim, offset by 16 from the GGUF's Q4_1 blocks")
-    c["w4-g64-in-emb"] = Case(f32, weight=w(4, 64, -1), embed=w(4, 64, -1), note="also the tied embedding/lm_head")
-    c["w3-g64-in"] = Case(f32, weight=w(3, 64, -1), note="3-bit weights")
-    c["w3-g32-in"] = Case(f32, weight=w(3, 32, -1), note="3-bit weights")
-    c["w8-g64-in"] = Case(f32, weight=w(8, 64, -1), note="8-bit weights")
+    c["w4-g64-in-emb"] = Case(f32, weight=w(4, 64, -1), embed=w(4, 64, -1),
+                              note="4-bit g64 input dim, also the tied embedding/lm_head")
+    for bits, g in ((3, 32), (3, 64), (8, 64)):
+        c[f"w{bits}-g{g}-in"] = Case(f32, weight=w(bits, g, -1),
+                                     note=f"{bits}-bit weights, groups of {g} along the input dim")
     for bits in (3, 4, 8):
         for g in (16, 32, 64):
             c[f"kv{bits}-g{g}-tok"] = Case(f32, key=tok(bits, g), value=tok(bits, g),
@@ -283,7 +284,6 @@ def main() -> None:
         r = run(name, args.tokens, args.window, args.log, args.progress)
         print(f"{name}: ppl {r['ppl']:.4f} over {r['scored_tokens']} tokens ({r['seconds']} s)", flush=True)
     if args.scale_dtypes:
-        from transformers import AutoTokenizer  # noqa: F401  (the tokenizer comes with the model)
         _, tok = load_model(torch.float32)
         print(scale_dtype_table(text_token_ids(tok), args.window))
     if args.table:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from tiergen.quant import (KVQuantConfig, QTensor, QuantConfig, dequantize, hadamard, layout, pack, packed_size,
-                           quantize, quantized_nbytes, unpack)
+from tiergen.quant import (WEIGHT_QUANT, KVQuantConfig, QTensor, QuantConfig, dequantize, hadamard,
+                           layout, pack, packed_size, quantize, quantized_nbytes, unpack)
 
 SHAPES = [(7, 13), (1, 1), (3, 65), (130, 3)]
 
@@ -226,3 +226,13 @@ def test_per_channel_keys_blockwise() -> None:
     assert torch.equal(torch.cat([b.data for b in blocks], -2), whole.data)
     assert torch.equal(torch.cat([b.mins for b in blocks], -1), whole.mins)
     check_half_step(k, whole)
+
+
+def test_weight_default_reproduces_q4_1_blocks() -> None:
+    # A Q4_1 GGUF block is 32 values d * q + m, q in 0..15, along the input dim;
+    # the default weight config finds the same grid, so requantizing is lossless.
+    d, m = torch.rand(8, 4, 1) + 0.1, torch.randn(8, 4, 1)
+    q = torch.randint(0, 16, (8, 4, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15
+    w = (d * q + m).reshape(8, 128)
+    assert torch.allclose(dequantize(quantize(w, WEIGHT_QUANT)), w, atol=1e-5)

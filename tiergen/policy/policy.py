@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ..errors import InvalidRequestError
+from ..quant import WEIGHT_QUANT, KVQuantConfig, QuantConfig
 from ..schedule import SCHEDULES
 
 
@@ -27,6 +28,10 @@ class Policy:
     cpu_attention: bool = False   # decode attention next to a host/disk cache, on the CPU
     pin_weight: bool = True       # page-locked host weights (CUDA), for async copies
     schedule: str = "zigzag"      # "zigzag" | "row"
+    compress_weight: bool = False # group-wise n-bit weights (norms and biases stay dense)
+    compress_cache: bool = False  # group-wise n-bit KV cache, on every tier
+    weight_quant: QuantConfig = WEIGHT_QUANT
+    cache_quant: KVQuantConfig = KVQuantConfig()
 
     def __post_init__(self) -> None:
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
@@ -67,7 +72,12 @@ class Policy:
         return self.gpu_batch_size * self.num_gpu_batches
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-friendly: the quant configs become plain dicts with dtype names."""
+        d = asdict(self)
+        for key in ("weight_quant", "cache_quant"):
+            d[key] = {k: (str(v).removeprefix("torch.") if hasattr(v, "is_floating_point") else v)
+                      for k, v in d[key].items()}
+        return d
 
 
 def split_rows(n: int, shares: tuple[float, float, float]) -> tuple[int, int, int]:
