@@ -69,4 +69,6 @@ def run_bench(llm: LLM, prompt_len: int, gen_len: int, num_prompts: int | None =
         "peaks": {k: v["peak"] for k, v in rep["tiers"].items()},
         "budgets": {k: v["budget"] for k, v in rep["tiers"].items()},
         "links": rep["links"], "weights": rep["weights"],
+        "weights_uncompressed": rep["weights_uncompressed"], "kv_cache": rep["kv_cache"],
+        "kv_cache_uncompressed": rep["kv_cache_uncompressed"],
     }

@@ -38,10 +38,33 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     pol.add_argument("--schedule", choices=["zigzag", "row"], default="zigzag")
     pol.add_argument("--no-overlap", action="store_true", help="do not prefetch while computing")
     pol.add_argument("--no-pin-weight", action="store_true", help="do not page-lock host weights (CUDA)")
+    q = p.add_argument_group("compression (group-wise asymmetric n-bit)")
+    q.add_argument("--compress-weight", action="store_true",
+                   help="store layer matrices quantized (embeddings, norms and biases stay dense)")
+    q.add_argument("--compress-cache", action="store_true", help="store the KV cache quantized, on every tier")
+    q.add_argument("--quant-bits", type=int, default=None, help="bits per value, 2-8 (default 4)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="values per group (default: 32 along the input dim for weights, 64 for the cache)")
+    q.add_argument("--cache-keys", choices=["channel", "token"], default="channel",
+                   help="group keys per channel over tokens (KIVI, default) or per token like values")
     pol.add_argument("--gpu-mem", help="compute-device budget, e.g. 16GiB (default: free memory)")
     pol.add_argument("--cpu-mem", help="host RAM budget (default: available RAM)")
     pol.add_argument("--disk", help="disk budget (default: free space in the offload dir)")
     pol.add_argument("--offload-dir", default=None, help="where disk-homed tensors go (default: system temp)")
+
+
+def quant_from_args(args: argparse.Namespace) -> dict:
+    """Policy fields for --compress-* / --quant-bits / --group-size / --cache-keys."""
+    from dataclasses import replace
+
+    from .quant import WEIGHT_QUANT, KVQuantConfig
+    over = {k: v for k, v in (("bits", args.quant_bits), ("group_size", args.group_size)) if v is not None}
+    try:
+        return {"compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
+                "weight_quant": replace(WEIGHT_QUANT, **over),
+                "cache_quant": KVQuantConfig(**over, per_channel_keys=args.cache_keys == "channel")}
+    except ValueError as e:
+        raise TiergenError(f"bad quantization setting: {e}") from None
 
 
 def policy_from_args(args: argparse.Namespace):  # -> Policy
@@ -49,7 +72,7 @@ def policy_from_args(args: argparse.Namespace):  # -> Policy
     return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
                                num_gpu_batches=args.num_gpu_batches, cpu_attention=args.cpu_attention,
                                schedule=args.schedule, overlap=not args.no_overlap,
-                               pin_weight=not args.no_pin_weight)
+                               pin_weight=not args.no_pin_weight, **quant_from_args(args))
 
 
 def load_llm(args: argparse.Namespace):  # -> LLM
@@ -86,9 +109,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"prefill  {r['prefill_s']:9.3f} s  {r['prefill_tok_s']:10.1f} tok/s")
     print(f"decode   {r['decode_s']:9.3f} s  {r['decode_tok_s']:10.1f} tok/s")
     print(f"total    {r['total_s']:9.3f} s  {r['total_tok_s']:10.1f} tok/s  (generation throughput)")
+    if pol["compress_weight"] or pol["compress_cache"]:
+        def q(on: bool, c: dict) -> str:
+            return f"{c['bits']}-bit g{c['group_size']}" if on else "off"
+        print(f"compression weights {q(pol['compress_weight'], pol['weight_quant'])}, "
+              f"cache {q(pol['compress_cache'], pol['cache_quant'])}")
     for tier, peak in r["peaks"].items():
+        w, wd = r["weights"][tier], r["weights_uncompressed"][tier]
         print(f"peak {tier:5s} {fmt_bytes(peak):>12s} of {fmt_bytes(r['budgets'][tier])}   "
-              f"weights {fmt_bytes(r['weights'][tier])}")
+              f"weights {fmt_bytes(w)}" + (f" (uncompressed {fmt_bytes(wd)})" if w != wd else "")
+              + f"   KV cache {fmt_bytes(r['kv_cache'][tier])}")
+    kv = sum(r["kv_cache"].values())
+    if kv and kv != r["kv_cache_uncompressed"]:
+        print(f"KV cache {fmt_bytes(kv)} stored, {fmt_bytes(r['kv_cache_uncompressed'])} uncompressed")
     for link, n in sorted(r["links"].items()):
         print(f"moved {link:10s} {fmt_bytes(n):>12s}")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,9 @@ import torch
 from .config import ModelConfig
 from .models.attention import attention
 from .models.base import StepContext
+from .kv_codec import Codec, Store, empty_store, make_codec, nbytes as codec_nbytes, unit_bytes
 from .policy import split_rows
+from .quant import KVQuantConfig
 
 
 @dataclass
@@ -32,6 +34,19 @@ class Runtime:
     io: Any               # disk.IOPool
     offload: Any = None   # disk.OffloadDir | None
     cpu_attention: bool = False
+    # KV cache home bytes of the live blocks per tier, their peak, and the peak's
+    # uncompressed size (what memory_report shows)
+    kv_current: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("gpu", "cpu", "disk"), 0))
+    kv_peak: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("gpu", "cpu", "disk"), 0))
+    kv_dense_peak: int = 0
+    kv_dense_current: int = 0
+
+    def kv_add(self, homes: dict[str, int], dense: int) -> None:
+        for t, n in homes.items():
+            self.kv_current[t] += n
+        self.kv_dense_current += dense
+        if sum(self.kv_current.values()) > sum(self.kv_peak.values()):
+            self.kv_peak, self.kv_dense_peak = dict(self.kv_current), self.kv_dense_current
 
     @property
     def host_compute(self) -> bool:
@@ -43,29 +58,49 @@ class Runtime:
 class Part:
     tier: str
     rows: slice
-    k: torch.Tensor | None = None    # gpu: [n,Hkv,S,D]; cpu: [S,n,Hkv,D]
+    codec: Codec
+    k: torch.Tensor | None = None    # dense compute rows, head-major [n,Hkv,S,D]
     v: torch.Tensor | None = None
-    file: Any = None                 # disk: DiskFile holding every layer's k then v
+    home: Store | None = None        # every other resident part: the codec's fields
+    offsets: dict[str, int] | None = None   # disk: each field's byte offset in this layer's region
     # per-step working state
-    work: tuple[torch.Tensor, torch.Tensor] | None = None
+    work: Store | None = None
     work_bytes: int = 0
     work_tier: str = ""
     work_event: Any = None           # CUDA event: the prefetched copy has landed
     on_host: bool = True             # disk rows: attend on the CPU (vs copy to the GPU)
     pending: Future | None = None    # disk rows: the prefix read
     store: Future | None = None      # disk rows: the last token's write
+    file_read: Any = None            # disk rows: (offset, tensor) -> None
+    file_write: Any = None
+
+    @property
+    def head_major(self) -> bool:
+        return self.k is not None
 
 
-def _row_bytes(cfg: ModelConfig, n: int, dtype: torch.dtype) -> int:
-    return n * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+def _codec(cfg: ModelConfig, n: int, max_len: int, dtype: torch.dtype, quant: KVQuantConfig | None) -> Codec:
+    return make_codec(quant, n, cfg.num_kv_heads, cfg.head_dim, max_len, dtype)
+
+
+def _disk_layout(codec: Codec) -> tuple[dict[str, int], int]:
+    """Field offsets inside one layer's disk region (4 KiB aligned) and the region's size."""
+    offsets, off = {}, 0
+    for name, (shape, dtype) in codec.fields().items():
+        offsets[name] = off
+        off += -(-shape[0] * unit_bytes(shape, dtype) // 4096) * 4096
+    return offsets, off
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
-                shares: tuple[float, float, float]) -> dict[str, int]:
+                shares: tuple[float, float, float], quant: KVQuantConfig | None = None) -> dict[str, int]:
     """Home bytes per tier for one micro-batch's cache over all layers."""
-    g, c, d = split_rows(batch, shares)
-    per_row = 2 * cfg.num_layers * max_len * _row_bytes(cfg, 1, dtype)
-    return {"gpu": g * per_row, "cpu": c * per_row, "disk": d * per_row}
+    out = {}
+    for tier, n in zip(("gpu", "cpu", "disk"), split_rows(batch, shares)):
+        codec = _codec(cfg, n, max_len, dtype, quant)
+        per_layer = _disk_layout(codec)[1] if tier == "disk" else codec_nbytes(codec)
+        out[tier] = cfg.num_layers * per_layer if n else 0
+    return out
 
 
 class LayerCache:
@@ -80,46 +115,47 @@ class LayerCache:
         for p in o.parts[self.j]:
             if p.tier == "gpu" or p.work is not None or p.pending is not None:
                 continue
-            if p.tier == "cpu" and (o.rt.host_compute or self._cpu_attn(num_new)):
+            if p.tier == "cpu" and self._host_attn(num_new):
                 continue   # attention reads the host rows in place
-            n = p.rows.stop - p.rows.start
-            shape = (start + num_new, n, o.cfg.num_kv_heads, o.cfg.head_dim)
+            end = start + num_new
             if p.tier == "cpu":   # CUDA: copy the prefix on the load stream
                 mover = o.rt.mover
                 with torch.cuda.stream(mover.load_stream):
-                    kw = torch.empty(shape, dtype=o.dtype, device=o.rt.device)
-                    vw = torch.empty(shape, dtype=o.dtype, device=o.rt.device)
-                    kw[:start].copy_(p.k[:start], non_blocking=True)
-                    vw[:start].copy_(p.v[:start], non_blocking=True)
+                    work = empty_store(p.codec, end, device=o.rt.device)
+                    moved = _copy_prefix(p.codec, p.home, work, start)
                     p.work_event = torch.cuda.Event()
                     p.work_event.record(mover.load_stream)
-                for t in (kw, vw):
+                for t in work.values():
                     t.record_stream(torch.cuda.current_stream(o.rt.device))
-                o.rt.tiers.links.add("cpu->gpu", 2 * start * _row_bytes(o.cfg, n, o.dtype))
-                self._charge(p, "gpu", 2 * kw.nbytes)
-                p.work = (kw, vw)
+                o.rt.tiers.links.add("cpu->gpu", moved)
+                self._charge(p, "gpu", _store_nbytes(work))
+                p.work = work
                 continue
-            # disk: one contiguous read per tensor into a host buffer
+            # disk: one contiguous read per field into host buffers
             if p.store is not None:
                 p.store.result()     # the previous token's write must land first
                 p.store = None
-            kh = torch.empty(shape, dtype=o.dtype, pin_memory=o.rt.mover.cuda)
-            vh = torch.empty(shape, dtype=o.dtype, pin_memory=o.rt.mover.cuda)
-            on_host = o.rt.host_compute or self._cpu_attn(num_new)
-            self._charge(p, "gpu" if o.rt.host_compute else "cpu", 2 * kh.nbytes)
-            rb = _row_bytes(o.cfg, n, o.dtype)
+            host = empty_store(p.codec, end, pin_memory=o.rt.mover.cuda)
+            self._charge(p, "gpu" if o.rt.host_compute else "cpu", _store_nbytes(host))
+            base = o.layer_offset(self.j)
 
-            def read(p: Part = p, kh: torch.Tensor = kh, vh: torch.Tensor = vh) -> Any:
-                if start:
-                    for i, t in enumerate((kh, vh)):
-                        p.file.read_into(o.offset(self.j, i, 0, rb), t[:start].view(-1).view(torch.uint8))
-                    o.rt.tiers.links.add("disk->cpu" if o.rt.mover.cuda else "disk->gpu", 2 * start * rb)
-                return kh, vh
+            def read(p: Part = p, host: Store = host) -> Store:
+                n = 0
+                for name, t in host.items():
+                    u = p.codec.read_units(name, start)
+                    if u:
+                        p.file_read(base + p.offsets[name], t[:u])
+                        n += t[:u].nbytes
+                o.rt.tiers.links.add("disk->cpu" if o.rt.mover.cuda else "disk->gpu", n)
+                return host
             p.pending = o.rt.io.submit(read)
-            p.on_host = on_host
+            p.on_host = self._host_attn(num_new)
 
-    def _cpu_attn(self, num_new: int) -> bool:
-        return self.owner.rt.cpu_attention and num_new == 1
+    def _host_attn(self, num_new: int) -> bool:
+        """Attention over host-resident rows runs on the host: always without a GPU,
+        and for decode steps with cpu_attention."""
+        rt = self.owner.rt
+        return rt.host_compute or (rt.cpu_attention and num_new == 1)
 
     def _charge(self, p: Part, tier: str, n: int) -> None:
         self.owner.rt.tiers[tier].alloc(n, "KV cache working buffer")
@@ -139,36 +175,41 @@ class LayerCache:
         for p in o.parts[self.j]:
             r = p.rows
             qp, kp, vp, mp = q[r], k[r], v[r], ctx.mask[r]
-            if p.tier == "gpu":
+            if p.head_major:
                 p.k[:, :, start:end], p.v[:, :, start:end] = kp, vp
                 outs.append(attention(qp, p.k[:, :, :end], p.v[:, :, :end], mp))
-            elif p.tier == "cpu":
-                outs.append(self._attend_host_rows(p, qp, kp, vp, mp, start, end))
-            else:
+            elif p.tier == "disk":
                 outs.append(self._attend_disk_rows(p, qp, kp, vp, mp, start, end))
+            else:
+                outs.append(self._attend_resident_rows(p, qp, kp, vp, mp, start, end))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
-    def _attend_host_rows(self, p: Part, q, k, v, mask, start: int, end: int) -> torch.Tensor:
+    def _attend_resident_rows(self, p: Part, q, k, v, mask, start: int, end: int) -> torch.Tensor:
+        """Compressed compute rows, or host rows (attended in place or over a prefetched copy)."""
         o = self.owner
         tk, tv = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # -> token-major
-        if o.rt.host_compute or self._cpu_attn(q.shape[2]):
+        if p.tier == "gpu":
+            p.codec.write(p.home, start, tk, tv)
+            return _attend_store(p.codec, p.home, q, mask, end)
+        if self._host_attn(q.shape[2]):
             if o.rt.mover.cuda:   # CPU attention beside a host cache: only q and the output cross
-                p.k[start:end], p.v[start:end] = tk.cpu(), tv.cpu()
+                p.codec.write(p.home, start, tk.cpu(), tv.cpu())
                 o.rt.tiers.links.add("gpu->cpu", q.nbytes + 2 * tk.nbytes)
-                out = attention(q.cpu(), _hm(p.k[:end]), _hm(p.v[:end]), mask.cpu())
+                out = _attend_store(p.codec, p.home, q.cpu(), mask.cpu(), end)
                 o.rt.tiers.links.add("cpu->gpu", out.nbytes)
                 return out.to(o.rt.device)
-            p.k[start:end], p.v[start:end] = tk, tv
-            return attention(q, _hm(p.k[:end]), _hm(p.v[:end]), mask)
-        # GPU attention over a prefetched copy; the new token goes home asynchronously
+            p.codec.write(p.home, start, tk, tv)
+            return _attend_store(p.codec, p.home, q, mask, end)
+        # GPU attention over a prefetched copy; the new tokens go home asynchronously
         if p.work is None:
             self.prefetch(start, end - start)
-        kw, vw = p.work
+        work = p.work
         torch.cuda.current_stream().wait_event(p.work_event)
-        kw[start:end], vw[start:end] = tk, tv
-        out = attention(q, _hm(kw[:end]), _hm(vw[:end]), mask)
-        o.rt.mover.to_host(tk, p.k[start:end], "gpu->cpu")
-        o.rt.mover.to_host(tv, p.v[start:end], "gpu->cpu")
+        changed = p.codec.write(work, start, tk, tv)
+        out = _attend_store(p.codec, work, q, mask, end)
+        for name, (a, b) in changed.items():
+            if b > a:
+                o.rt.mover.to_host(work[name][a:b], p.home[name][a:b], "gpu->cpu")
         self._release(p)
         return out
 
@@ -176,30 +217,52 @@ class LayerCache:
         o = self.owner
         if p.pending is None:
             self.prefetch(start, end - start)
-        kh, vh = p.pending.result()
-        on_host = p.on_host
+        host = p.pending.result()
         tk, tv = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
-        kh[start:end], vh[start:end] = tk.to("cpu"), tv.to("cpu")
-        if on_host:
-            out = attention(q.to("cpu"), _hm(kh[:end]), _hm(vh[:end]), mask.to("cpu")).to(o.rt.device)
+        changed = p.codec.write(host, start, tk.to("cpu"), tv.to("cpu"))
+        if p.on_host:
+            out = _attend_store(p.codec, host, q.to("cpu"), mask.to("cpu"), end).to(o.rt.device)
             if o.rt.mover.cuda:
                 o.rt.tiers.links.add("gpu->cpu", q.nbytes)
-        else:
-            kd, _ = o.rt.mover.to_compute(kh[:end], "cpu->gpu")
-            vd, _ = o.rt.mover.to_compute(vh[:end], "cpu->gpu")
+        else:   # move the (compressed) prefix, dequantize and attend on the GPU
+            dev = {}
+            for name, t in host.items():
+                dev[name], _ = o.rt.mover.to_compute(t[:p.codec.read_units(name, end)], "cpu->gpu")
             torch.cuda.current_stream().wait_stream(o.rt.mover.load_stream)
-            out = attention(q, _hm(kd), _hm(vd), mask)
-        rb = _row_bytes(o.cfg, p.rows.stop - p.rows.start, o.dtype)
-        j = self.j
+            out = _attend_store(p.codec, dev, q, mask, end)
+        base = o.layer_offset(self.j)
 
-        def write(kh: torch.Tensor = kh, vh: torch.Tensor = vh) -> None:
-            for i, t in enumerate((kh, vh)):
-                p.file.write_from(o.offset(j, i, start, rb), t[start:end].contiguous().view(-1).view(torch.uint8))
-            o.rt.tiers.links.add("cpu->disk", 2 * (end - start) * rb)
+        def write(host: Store = host) -> None:
+            n = 0
+            for name, (a, b) in changed.items():
+                if b > a:
+                    t = host[name]
+                    p.file_write(base + p.offsets[name] + a * unit_bytes(tuple(t.shape), t.dtype), t[a:b])
+                    n += t[a:b].nbytes
+            o.rt.tiers.links.add("cpu->disk", n)
         p.store = o.rt.io.submit(write)
         # the buffers stay referenced by the write closure until it lands
         self._release(p)
         return out
+
+
+def _attend_store(codec: Codec, store: Store, q: torch.Tensor, mask: torch.Tensor, end: int) -> torch.Tensor:
+    k, v = codec.read(store, end)
+    return attention(q, _hm(k), _hm(v), mask)
+
+
+def _copy_prefix(codec: Codec, src: Store, dst: Store, tokens: int) -> int:
+    n = 0
+    for name, t in src.items():
+        u = codec.read_units(name, tokens)
+        if u:
+            dst[name][:u].copy_(t[:u], non_blocking=True)
+            n += t[:u].nbytes
+    return n
+
+
+def _store_nbytes(store: Store) -> int:
+    return sum(t.nbytes for t in store.values())
 
 
 def _hm(t: torch.Tensor) -> torch.Tensor:
@@ -208,44 +271,53 @@ def _hm(t: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values for one micro-batch of ``batch`` sequences, ``max_len`` columns."""
+    """Keys and values for one micro-batch of ``batch`` sequences, ``max_len`` columns,
+    compressed on every tier when ``quant`` is given."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, rt: Runtime,
-                 shares: tuple[float, float, float] = (1.0, 0.0, 0.0), name: str = "kv"):
+                 shares: tuple[float, float, float] = (1.0, 0.0, 0.0), name: str = "kv",
+                 quant: KVQuantConfig | None = None):
         self.cfg, self.max_len, self.dtype, self.rt = cfg, max_len, dtype, rt
         g, c, d = split_rows(batch, shares)
-        self.region = max_len * _row_bytes(cfg, d, dtype)
-        self.region = -(-self.region // 4096) * 4096
-        file = self.file = None
+        codecs = {t: _codec(cfg, n, max_len, dtype, quant) for t, n in (("gpu", g), ("cpu", c), ("disk", d))}
+        offsets, self.region = _disk_layout(codecs["disk"])
+        self.file = None
+        L = cfg.num_layers
+        self.home_bytes = {"gpu": 0, "cpu": 0, "disk": 0}
         if d:
-            total = cfg.num_layers * 2 * self.region
-            rt.tiers.disk.alloc(total, "KV cache")
-            file = self.file = rt.offload.new_file(f"{name}.bin", total)
-        self.home_bytes = {"gpu": 0, "cpu": 0, "disk": cfg.num_layers * 2 * self.region if d else 0}
-        self.parts: list[list[Part]] = []
-        H, D = cfg.num_kv_heads, cfg.head_dim
-        for _ in range(cfg.num_layers):
-            parts = []
-            if g:
-                shape = (g, H, max_len, D)
-                parts.append(Part("gpu", slice(0, g), torch.empty(shape, dtype=dtype, device=rt.device),
-                                  torch.empty(shape, dtype=dtype, device=rt.device)))
-            if c:
-                shape = (max_len, c, H, D)
-                parts.append(Part("cpu", slice(g, g + c), rt.mover.host_empty(shape, dtype),
-                                  rt.mover.host_empty(shape, dtype)))
-            if d:
-                parts.append(Part("disk", slice(g + c, batch), file=file))
-            self.parts.append(parts)
+            rt.tiers.disk.alloc(L * self.region, "KV cache")
+            self.file = rt.offload.new_file(f"{name}.bin", L * self.region)
+            self.home_bytes["disk"] = L * self.region
         for tier, n in (("gpu", g), ("cpu", c)):
-            nb = cfg.num_layers * 2 * max_len * _row_bytes(cfg, n, dtype)
-            if nb:
+            if n:
+                nb = L * codec_nbytes(codecs[tier])
                 rt.tiers[tier].alloc(nb, "KV cache")
                 self.home_bytes[tier] = nb
-        self.layers = [LayerCache(self, j) for j in range(cfg.num_layers)]
+        self.parts: list[list[Part]] = []
+        H, D = cfg.num_kv_heads, cfg.head_dim
+        for _ in range(L):
+            parts = []
+            if g and quant is None:   # dense compute rows stay head-major, what attention wants
+                shape = (g, H, max_len, D)
+                parts.append(Part("gpu", slice(0, g), codecs["gpu"], torch.empty(shape, dtype=dtype, device=rt.device),
+                                  torch.empty(shape, dtype=dtype, device=rt.device)))
+            elif g:
+                parts.append(Part("gpu", slice(0, g), codecs["gpu"], home=empty_store(codecs["gpu"], device=rt.device)))
+            if c:
+                parts.append(Part("cpu", slice(g, g + c), codecs["cpu"],
+                                  home=empty_store(codecs["cpu"], pin_memory=rt.mover.cuda)))
+            if d:
+                p = Part("disk", slice(g + c, batch), codecs["disk"], offsets=offsets)
+                p.file_read = _file_io(self.file.read_into)
+                p.file_write = _file_io(self.file.write_from)
+                parts.append(p)
+            self.parts.append(parts)
+        self.layers = [LayerCache(self, j) for j in range(L)]
+        self.dense_bytes = 2 * L * batch * max_len * H * D * dtype.itemsize
+        rt.kv_add(self.home_bytes, self.dense_bytes)
 
-    def offset(self, j: int, kind: int, token: int, row_bytes: int) -> int:
-        return (2 * j + kind) * self.region + token * row_bytes
+    def layer_offset(self, j: int) -> int:
+        return j * self.region
 
     def layer(self, j: int) -> LayerCache:
         return self.layers[j]
@@ -259,6 +331,7 @@ class KVCache:
         for tier, n in self.home_bytes.items():
             if n:
                 self.rt.tiers[tier].free(n)
+        self.rt.kv_add({t: -n for t, n in self.home_bytes.items()}, -self.dense_bytes)
         self.home_bytes = {}
         if self.file is not None:
             self.file.close()
@@ -268,3 +341,9 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(self.home_bytes.values())
 
+
+def _file_io(fn: Any) -> Any:
+    """A DiskFile read/write taking a tensor (a leading-axis slice, so contiguous) as raw bytes."""
+    def run(offset: int, t: torch.Tensor) -> None:
+        fn(offset, t.view(-1).view(torch.uint8))
+    return run

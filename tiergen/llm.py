@@ -107,7 +107,8 @@ class LLM:
                                cpu_attention=policy.cpu_attention)
         try:
             self.weights = TieredWeights(source, self.model, self.dtype, self.device, policy.shares("w"),
-                                         self.tiers, self.offload, self.io, mover, pin=policy.pin_weight)
+                                         self.tiers, self.offload, self.io, mover, pin=policy.pin_weight,
+                                         quant=policy.weight_quant if policy.compress_weight else None)
             self.tokenizer = source.tokenizer()
         except BaseException:
             self.close()
@@ -121,9 +122,15 @@ class LLM:
             self.offload.close()
 
     def memory_report(self) -> dict[str, Any]:
-        """Per-tier budget / current / peak bytes, bytes moved per link, weight bytes per tier."""
+        """Per-tier budget / current / peak bytes, bytes moved per link; weight bytes per
+        tier as stored (compressed or not) and uncompressed; the KV cache's peak home
+        bytes per tier, and that peak uncompressed."""
         rep = self.tiers.report()
         rep["weights"] = self.weights.nbytes_by_tier()
+        rep["weights_uncompressed"] = self.weights.nbytes_by_tier(dense=True)
+        rt = self.runtime
+        rep["kv_cache"] = dict(rt.kv_peak)
+        rep["kv_cache_uncompressed"] = rt.kv_dense_peak
         return rep
 
     # ------------------------------------------------------------- tokens

@@ -23,9 +23,11 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def weight_demand(model: Model, dtype: torch.dtype, policy: Policy,
                   device: torch.device) -> dict[str, dict[str, int]]:
-    placed = placement_bytes(model, dtype, policy.shares("w"))
+    quant = policy.weight_quant if policy.compress_weight else None
+    placed = placement_bytes(model, dtype, policy.shares("w"), quant)
     in_flight = placed["max_streamed_group"] * (2 if policy.overlap else 1)
-    demand = {"gpu": {"weights": placed["gpu"], "streamed weight buffers": in_flight},
+    demand = {"gpu": {"weights": placed["gpu"], "streamed weight buffers": in_flight,
+                      "dequantized weights": placed["max_dequantized_group"]},
               "cpu": {"weights": placed["cpu"]},
               "disk": {"weights": placed["disk"]}}
     if device.type == "cuda":
@@ -37,12 +39,14 @@ def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: t
                  rows: int, num_micro_batches: int, prompt_width: int, new_tokens: int) -> dict[str, dict[str, int]]:
     it = _itemsize(dtype)
     max_len = prompt_width + new_tokens
-    homes = cache_bytes(cfg, rows, max_len, dtype, policy.shares("cache"))
+    quant = policy.cache_quant if policy.compress_cache else None
+    homes = cache_bytes(cfg, rows, max_len, dtype, policy.shares("cache"), quant)
     g, c, d = split_rows(rows, policy.shares("cache"))
-    row_bytes = cfg.num_kv_heads * cfg.head_dim * it
     streamed_rows = d + (c if device.type == "cuda" and not policy.cpu_attention else 0)
-    # two layer-prefixes (current and prefetched micro-batch), keys and values
-    work = 2 * 2 * max_len * streamed_rows * row_bytes
+    # two layer-prefixes (current and prefetched micro-batch), as stored
+    work = 2 * cache_bytes(cfg, streamed_rows, max_len, dtype, (1.0, 0.0, 0.0), quant)["gpu"] // cfg.num_layers
+    # a compressed cache is dequantized per micro-batch for attention
+    dense_kv = 2 * rows * max_len * cfg.num_kv_heads * cfg.head_dim * it if quant else 0
     ag, ac, _ = split_rows(rows, policy.shares("act"))
     act_row = prompt_width * cfg.hidden_size * it
     scores = rows * cfg.num_heads * prompt_width * prompt_width * 4
@@ -50,7 +54,7 @@ def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: t
     logits = rows * cfg.vocab_size * 4 * 2
     K = num_micro_batches
     return {
-        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work,
+        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work, "dequantized KV": dense_kv,
                 "activations": K * ag * act_row, "compute scratch": max(scores, mlp, logits)},
         "cpu": {"KV cache": K * homes["cpu"], "activations": K * ac * act_row},
         "disk": {"KV cache": K * homes["disk"]},

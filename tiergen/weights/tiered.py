@@ -4,6 +4,13 @@ Each group (embed, every layer, head) is split by the policy's weight shares:
 tensors are taken in order and a tensor goes to the tier in which the midpoint
 of its byte range falls. Disk-homed tensors of a group are packed into one file
 at 4 KiB-aligned offsets, so fetching them is one large direct read.
+
+With a weight ``QuantConfig``, every 2-D matrix of the layers and an untied
+lm_head is quantized while loading, tensor by tensor, and kept as a blob
+(``quant.to_blob``) on its tier: it is placed, stored, read and moved
+compressed, and dequantized on the compute device when ``group`` first asks
+for it -- once per block, however many micro-batches use it. Embedding tables
+(and a tied lm_head, which is the token embedding), norms and biases stay dense.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import torch
 from ..disk import IOPool, OffloadDir, aligned_empty
 from ..errors import CheckpointError
 from ..models.base import Model, Weights
+from ..quant import QuantConfig, blob_nbytes, dequantize, from_blob, quantize, to_blob
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
 from .source import ModelSource
@@ -27,9 +35,22 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def place_group(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                shares: tuple[float, float, float]) -> dict[str, str]:
-    sizes = {k: _nbytes(s, dtype) for k, s in shapes.items()}
+def compressed(g: str | int, key: str, shape: tuple[int, ...], tied: bool) -> bool:
+    """Which weights a weight QuantConfig applies to: layer matrices and an untied lm_head."""
+    if len(shape) != 2 or g == "embed":
+        return False
+    return not (tied and key == "lm_head")
+
+
+def stored_nbytes(g: str | int, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+                  quant: QuantConfig | None, tied: bool) -> int:
+    if quant is not None and compressed(g, key, shape, tied):
+        return blob_nbytes(shape, dtype, quant)
+    return _nbytes(shape, dtype)
+
+
+def place_group(sizes: dict[str, int], shares: tuple[float, float, float]) -> dict[str, str]:
+    """Tier of each tensor (bytes as stored): the one its byte range's midpoint falls in."""
     total = sum(sizes.values()) or 1
     out, before = {}, 0
     for k, n in sizes.items():
@@ -48,19 +69,32 @@ def placed_shapes(model: Model) -> tuple[dict[str | int, dict[str, tuple[int, ..
     return shapes, tied
 
 
-def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float, float]) -> dict[str, int]:
-    """Bytes per tier for the whole model, and the largest streamed group (for buffers)."""
+def group_sizes(model: Model, dtype: torch.dtype,
+                quant: QuantConfig | None) -> tuple[dict[str | int, dict[str, int]], bool]:
+    """Stored bytes of every weight, by group."""
     shapes, tied = placed_shapes(model)
-    places = {g: place_group(s, dtype, shares) for g, s in shapes.items()}
-    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0}
-    for g, group_shapes in shapes.items():
-        streamed = 0
+    return {g: {k: stored_nbytes(g, k, s, dtype, quant, tied) for k, s in gs.items()}
+            for g, gs in shapes.items()}, tied
+
+
+def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float, float],
+                    quant: QuantConfig | None = None) -> dict[str, int]:
+    """Bytes per tier for the whole model as stored, the largest streamed group (for
+    buffers) and the largest group's dequantized size (compute scratch)."""
+    sizes, tied = group_sizes(model, dtype, quant)
+    shapes, _ = placed_shapes(model)
+    places = {g: place_group(s, shares) for g, s in sizes.items()}
+    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0, "max_dequantized_group": 0}
+    for g, group in sizes.items():
+        streamed = dense = 0
         for k, tier in places[g].items():
-            n = _nbytes(group_shapes[k], dtype)
+            n = group[k]
             shared = tied and (g, k) == ("head", "lm_head") and tier == places["embed"]["tok"] != "disk"
             out[tier] += 0 if shared else n
             streamed += n if tier != "gpu" else 0
+            dense += _nbytes(shapes[g][k], dtype) if n != _nbytes(shapes[g][k], dtype) else 0
         out["max_streamed_group"] = max(out["max_streamed_group"], streamed)
+        out["max_dequantized_group"] = max(out["max_dequantized_group"], dense)
     return out
 
 
@@ -68,6 +102,8 @@ def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float
 class Home:
     tier: str
     shape: tuple[int, ...]
+    nbytes: int                             # as stored (a compressed blob's size)
+    quant: QuantConfig | None = None        # set: stored as a quantized blob
     tensor: torch.Tensor | None = None      # gpu / cpu homes
     offset: int = 0                         # disk homes: byte offset in the group's file
 
@@ -93,25 +129,27 @@ class TieredWeights:
 
     def __init__(self, source: ModelSource, model: Model, dtype: torch.dtype, device: torch.device,
                  shares: tuple[float, float, float], tiers: Tiers, offload: OffloadDir | None,
-                 io: IOPool, mover: Mover, pin: bool = True):
+                 io: IOPool, mover: Mover, pin: bool = True, quant: QuantConfig | None = None):
         self.dtype, self.device, self.tiers, self.io, self.mover = dtype, device, tiers, io, mover
         self.pool = BufferPool(pin and mover.cuda)
         # a tied lm_head is placed as a head tensor of its own; it shares storage when homes agree
         shapes, self.tied = placed_shapes(model)
+        sizes, _ = group_sizes(model, dtype, quant)
         self.homes: dict[str | int, dict[str, Home]] = {}
         self.files: dict[str | int, Any] = {}
         self.disk_span: dict[str | int, int] = {}
         for g, group_shapes in shapes.items():
-            place = place_group(group_shapes, dtype, shares)
+            place = place_group(sizes[g], shares)
             homes, off = {}, 0
             for k, s in group_shapes.items():
-                homes[k] = Home(place[k], tuple(s))
+                q = quant if quant is not None and compressed(g, k, tuple(s), self.tied) else None
+                homes[k] = Home(place[k], tuple(s), sizes[g][k], q)
                 if place[k] == "disk" and (g, k) in GATHERED:
-                    n = -(-_nbytes(s, dtype) // ALIGN) * ALIGN   # a file of its own, read by rows
+                    n = -(-sizes[g][k] // ALIGN) * ALIGN   # a file of its own, read by rows
                     self._new_file((g, k), n, offload)
                 elif place[k] == "disk":
                     homes[k].offset = off
-                    off += -(-_nbytes(s, dtype) // ALIGN) * ALIGN
+                    off += -(-sizes[g][k] // ALIGN) * ALIGN
             self.homes[g] = homes
             if off:
                 self._new_file(g, off, offload)
@@ -127,7 +165,8 @@ class TieredWeights:
                 raise CheckpointError(f"{source.description}: weight {key!r} of {g} has shape "
                                       f"{tuple(t.shape)}, expected {tuple(shapes[g][key])}")
             t = t.to(self.dtype).contiguous()
-            self._store(g, key, t, pin)
+            h = self.homes[g][key]
+            self._store(g, key, to_blob(quantize(t, h.quant)) if h.quant else t, pin)
             seen.add((g, key))
             if self.tied and (g, key) == ("embed", "tok"):
                 self._store("head", "lm_head", t, pin, share=self.homes["embed"]["tok"])
@@ -151,10 +190,10 @@ class TieredWeights:
         if share is not None and share.tier == h.tier and h.tier != "disk":
             h.tensor = share.tensor      # tied head on the same tier: one copy, counted once
         elif h.tier == "gpu":
-            self.tiers.gpu.alloc(t.nbytes, f"weight {key} of {g}")
+            self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {g}")
             h.tensor = t.to(self.device)
         elif h.tier == "cpu":
-            self.tiers.cpu.alloc(t.nbytes, f"weight {key} of {g}")
+            self.tiers.cpu.alloc(h.nbytes, f"weight {key} of {g}")
             h.tensor = t.pin_memory() if pin and self.mover.cuda else t
         else:
             self.files[(g, key) if (g, key) in GATHERED else g].write_from(h.offset, t.view(-1).view(torch.uint8))
@@ -197,8 +236,9 @@ class TieredWeights:
                 last_ev = None
                 for k in disk_keys:
                     h = homes[k]
-                    n = _nbytes(h.shape, self.dtype)
-                    view = buf[h.offset - base:h.offset - base + n].view(self.dtype).view(h.shape)
+                    view = buf[h.offset - base:h.offset - base + h.nbytes]
+                    if h.quant is None:
+                        view = view.view(self.dtype).view(h.shape)
                     res[k], ev = self.mover.to_compute(view, "cpu->gpu")
                     last_ev = ev or last_ev
                 return res, last_ev
@@ -208,15 +248,30 @@ class TieredWeights:
         if charged:
             self.tiers.gpu.alloc(charged, f"streamed weights of {g}")
         if self.mover.cuda and disk_keys:
-            self.tiers.gpu.alloc(sum(_nbytes(homes[k].shape, self.dtype) for k in disk_keys),
-                                 f"streamed weights of {g}")
-            charged += sum(_nbytes(homes[k].shape, self.dtype) for k in disk_keys)
-        ready = _GroupReady(out, events, fut)
+            self.tiers.gpu.alloc(sum(homes[k].nbytes for k in disk_keys), f"streamed weights of {g}")
+            charged += sum(homes[k].nbytes for k in disk_keys)
+        ready = _GroupReady(out, events, fut, self._dequantizer(g))
         self.loaded[g] = (ready, charged, buf, charged_host)
 
     def group(self, g: str | int) -> Weights:
         self.acquire(g)
         return self.loaded[g][0].get()
+
+    def _dequantizer(self, g: str | int) -> Any:
+        """Turns a group's landed blobs into dense weights on the compute device, charging
+        the dense copies to compute memory until the group is released."""
+        quantized = {k: h for k, h in self.homes[g].items() if h.quant is not None}
+        if not quantized:
+            return None
+
+        def run(out: Weights) -> int:
+            dense = 0
+            for k, h in quantized.items():
+                out[k] = dequantize(from_blob(out[k], h.shape, self.dtype, h.quant), self.dtype)
+                dense += out[k].nbytes
+            self.tiers.gpu.alloc(dense, f"dequantized weights of {g}")
+            return dense
+        return run
 
     def release(self, g: str | int) -> None:
         item = self.loaded.pop(g, None)
@@ -224,6 +279,7 @@ class TieredWeights:
             return
         ready, charged, buf, charged_host = item
         ready.get()   # never recycle a buffer a read is still filling
+        charged += ready.dense
         if buf is not None:
             ready.wait_copies()   # ...or one an async host->device copy is still reading
         if charged:
@@ -235,7 +291,8 @@ class TieredWeights:
     def streamed(self, g: str | int) -> bool:
         return any(h.tier != "gpu" for h in self.homes[g].values())
 
-    def nbytes_by_tier(self) -> dict[str, int]:
+    def nbytes_by_tier(self, dense: bool = False) -> dict[str, int]:
+        """Bytes per tier as stored, or (``dense``) as they would be uncompressed."""
         out = {"gpu": 0, "cpu": 0, "disk": 0}
         seen = set()
         for homes in self.homes.values():
@@ -243,7 +300,7 @@ class TieredWeights:
                 key = id(h.tensor) if h.tensor is not None else id(h)
                 if key not in seen:
                     seen.add(key)
-                    out[h.tier] += _nbytes(h.shape, self.dtype)
+                    out[h.tier] += _nbytes(h.shape, self.dtype) if dense else h.nbytes
         return out
 
 
@@ -282,8 +339,9 @@ class RowGather:
 class _GroupReady:
     """A group's tensors: resident ones now, streamed ones when their copies land."""
 
-    def __init__(self, out: Weights, events: list, fut: Any):
+    def __init__(self, out: Weights, events: list, fut: Any, dequantize: Any = None):
         self.out, self.events, self.fut, self.done = out, events, fut, False
+        self.dequantize, self.dense = dequantize, 0
 
     def wait_copies(self) -> None:
         for ev in self.events:
@@ -298,5 +356,8 @@ class _GroupReady:
                     self.events.append(ev)
             for ev in self.events:
                 torch.cuda.current_stream().wait_event(ev)
+            if self.dequantize is not None:
+                self.out = dict(self.out)   # keep the blobs of a resident group untouched
+                self.dense = self.dequantize(self.out)
             self.done = True
         return self.out
