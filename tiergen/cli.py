@@ -83,7 +83,8 @@ def load_llm(args: argparse.Namespace):  # -> LLM
     except ValueError as e:
         raise TiergenError(f"bad memory size: {e}") from None
     return LLM(args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
-               policy=policy_from_args(args), offload_dir=args.offload_dir,
+               policy=auto_from_args(args) if getattr(args, "policy", None) == "auto" else policy_from_args(args),
+               offload_dir=args.offload_dir,
                gpu_mem=budgets[0], cpu_mem=budgets[1], disk=budgets[2])
 
 
@@ -181,6 +182,92 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- cost model (issue 5)
+
+def auto_from_args(args: argparse.Namespace):  # -> Policy
+    """bench --policy auto: the search for this run's prompt and generation lengths; the
+    command line's flags (schedule, overlap, compression) are kept."""
+    from .policy.cost_model import Workload
+    from .policy.search import resolve_auto
+    return resolve_auto("auto", args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
+                        gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk, offload_dir=args.offload_dir,
+                        workload=Workload(args.prompt_len, args.gen_len), base=policy_from_args(args),
+                        max_block=args.max_block)
+
+
+@command("profile")
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .policy.profile import cached_profile, default_profile_path, load_profile
+    if args.show:
+        p = load_profile(args.show)
+    else:
+        log = (lambda m: print(f"[profile] {m}", file=sys.stderr))
+        p = cached_profile(refresh=args.refresh, path=args.out, device=args.device,
+                           offload_dir=args.offload_dir, log=log)
+        print(f"profile: {args.out or default_profile_path()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=1))
+        return 0
+    from .policy.report import profile_lines
+    print("\n".join(profile_lines(p)))
+    return 0
+
+
+@command("plan")
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import KNOWN_SHAPES, ModelConfig
+    from .llm import resolve_dtype
+    from .policy.cost_model import Workload
+    from .policy.profile import cached_profile, load_profile
+    from .policy.report import plan_lines
+    from .policy.search import search, tiers_for_profile
+    from .tiers import parse_bytes
+    import torch
+    prof = load_profile(args.profile) if args.profile else cached_profile()
+    if args.model in KNOWN_SHAPES:
+        cfg = ModelConfig.from_name(args.model)
+    else:
+        from .weights.source import resolve
+        cfg = resolve(args.model, dummy=True).config
+    try:
+        budgets = [parse_bytes(x) for x in (args.gpu_mem, args.cpu_mem, args.disk)]
+    except ValueError as e:
+        raise TiergenError(f"bad memory size: {e}") from None
+    dtype = resolve_dtype(args.dtype or ("float16" if prof.device == "cuda" else None),
+                          torch.device(prof.device))
+    wl = Workload(args.prompt_len, args.gen_len)
+    plan = search(cfg, dtype, prof, wl, tiers_for_profile(prof, *budgets), compress=args.compress,
+                  max_block=args.max_block)
+    if args.json:
+        print(json.dumps({"profile": prof.name, "model": args.model, "tried": plan.tried,
+                          "feasible": plan.feasible, **plan.prediction.to_dict()}))
+        return 0
+    print("\n".join(plan_lines(args.model, prof, plan)))
+    return 0
+
+
+def add_plan_args(sub) -> None:
+    pr = sub.add_parser("profile", help="measure this machine for the cost model (cached)")
+    pr.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    pr.add_argument("--out", default=None, help="where to write it (default: the user cache dir)")
+    pr.add_argument("--show", default=None, metavar="FILE", help="print a profile file, measure nothing")
+    pr.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    pr.add_argument("--offload-dir", default=None, help="where to measure the disk (default: system temp)")
+    pr.add_argument("--json", action="store_true")
+    pl = sub.add_parser("plan", help="pick a policy with the cost model and print its predicted breakdown")
+    pl.add_argument("--model", "-m", default="smollm2-135m", help="known name, or a model dir / .gguf (shape only)")
+    pl.add_argument("--profile", default=None, help="profile JSON (default: this machine's, measured if absent)")
+    pl.add_argument("--prompt-len", type=int, default=512)
+    pl.add_argument("--gen-len", type=int, default=32)
+    pl.add_argument("--dtype", default=None, help="default: float16 on a cuda profile, else bfloat16")
+    pl.add_argument("--gpu-mem", help="compute-device budget (default: the profile's)")
+    pl.add_argument("--cpu-mem", help="host RAM budget (default: the profile's)")
+    pl.add_argument("--disk", help="disk budget (default: the profile's)")
+    pl.add_argument("--compress", action="store_true", help="also consider 4-bit weights and cache")
+    pl.add_argument("--max-block", type=int, default=None, help="largest block (sequences) to consider")
+    pl.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiergen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="tokens per window (default min(context, 1024))")
     p.add_argument("--stride", type=int, default=None, help="tokens between windows (default window/2)")
     p.add_argument("--json", action="store_true")
+    b.add_argument("--policy", choices=["auto"], default=None,
+                   help="auto: the cost model picks the block shape and placement (tiergen plan)")
+    b.add_argument("--max-block", type=int, default=256, help="with --policy auto: largest block considered")
+    add_plan_args(sub)
     return parser
 
 

@@ -79,10 +79,15 @@ class LLM:
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, dummy: bool = False, seed: int = 0,
-                 policy: Policy | None = None, batch_size: int = 32, num_micro_batches: int = 1,
+                 policy: Policy | str | None = None, batch_size: int = 32, num_micro_batches: int = 1,
                  schedule: str = "zigzag", offload_dir: str | None = None,
                  gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
                  disk: int | str | None = None, io_threads: int = 4):
+        if isinstance(policy, str):
+            # "auto": the cost model's pick for this model under these budgets (tiergen.policy.search)
+            from .policy.search import resolve_auto
+            policy = resolve_auto(policy, model, dtype=dtype, device=device, dummy=dummy, seed=seed,
+                                  gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk=disk, offload_dir=offload_dir)
         if policy is None:
             policy = Policy(gpu_batch_size=batch_size, num_gpu_batches=num_micro_batches, schedule=schedule)
         elif not isinstance(policy, Policy):

@@ -34,6 +34,7 @@ from .profile import HardwareProfile
 
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NUM_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16)
+NEAR = 0.98     # predictions closer than this to the best are a tie
 MARGIN = 0.10   # of every budget, for allocator slack, Python objects and what we did not model
 
 
@@ -166,6 +167,7 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
         flag_sets = [dict(f, compress_weight=cw, compress_cache=cc)
                      for f in flag_sets for cw in (False, True) for cc in (False, True)]
     best: Plan | None = None
+    found: list[Plan] = []
     tried = feasible = 0
     for flags in flag_sets:
         for K in num_batches:
@@ -183,12 +185,57 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
                         pred = cm.predict(cand)
                         if log:
                             log(f"{b}x{K} {flags} -> {cand.percent} {pred.throughput:.3f} tok/s")
-                        if best is None or pred.throughput > best.prediction.throughput:
-                            best = Plan(cand, pred, 0, 0)
+                        found.append(Plan(cand, pred, 0, 0))
                         break
+    if found:
+        # Among policies within NEAR of the fastest, the smallest block: less memory and
+        # latency for a gain the model cannot promise.
+        top = max(p.prediction.throughput for p in found)
+        best = min((p for p in found if p.prediction.throughput >= NEAR * top),
+                   key=lambda p: (p.policy.block_size, -p.prediction.throughput))
     if best is None:
         raise NoFeasiblePolicyError(
             f"no policy fits the budgets (gpu {budgets['gpu']:.3g} B, cpu {budgets['cpu']:.3g} B, "
             f"disk {budgets['disk']:.3g} B) for {cfg.name or 'this model'} with prompt {workload.prompt_len} "
             f"and {workload.gen_len} new tokens")
     return replace(best, tried=tried, feasible=feasible)
+
+
+# Workload LLM(policy="auto") plans for when it cannot know the prompts yet: the
+# paper's benchmark shape, clipped to the model's context.
+AUTO_WORKLOAD = Workload(prompt_len=512, gen_len=32)
+
+
+AUTO_MAX_BLOCK = 256
+
+
+def auto_policy(cfg: ModelConfig, dtype: torch.dtype, tiers, workload: Workload | None = None,
+                profile: HardwareProfile | None = None, max_block: int | None = AUTO_MAX_BLOCK,
+                base: Policy | None = None) -> Plan:
+    """policy="auto": the search on this machine's cached profile under ``tiers``' budgets."""
+    from .profile import cached_profile
+    wl = workload or AUTO_WORKLOAD
+    ctx = cfg.context_length
+    if wl.prompt_len + wl.gen_len > ctx:
+        wl = Workload(max(1, ctx - wl.gen_len), min(wl.gen_len, ctx - 1))
+    prof = profile or cached_profile(device=tiers.device.type)
+    return search(cfg, dtype, prof, wl, tiers, max_block=max_block, base=base)
+
+
+def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: bool = False, seed: int = 0,
+                 gpu_mem=None, cpu_mem=None, disk=None, offload_dir: str | None = None,
+                 workload: Workload | None = None, base: Policy | None = None,
+                 max_block: int | None = AUTO_MAX_BLOCK) -> Policy:
+    """What LLM(model, policy="auto", ...) runs: the model's shape, the same budgets the
+    LLM will hold, this machine's profile."""
+    from ..errors import InvalidRequestError
+    from ..llm import resolve_device, resolve_dtype
+    from ..tiers import Tiers, parse_bytes
+    from ..weights.source import resolve
+    if policy != "auto":
+        raise InvalidRequestError(f"policy must be a tiergen.Policy or 'auto', got {policy!r}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg = resolve(model, dummy=dummy, seed=seed).config
+    tiers = Tiers(dev, parse_bytes(gpu_mem), parse_bytes(cpu_mem), parse_bytes(disk), offload_dir)
+    return auto_policy(cfg, dt, tiers, workload, max_block=max_block, base=base).policy
