@@ -16,7 +16,7 @@ Per layer and pass, each resource is busy for (seconds):
 
   compute  C = K [ sum_m 2 b T |m| / F(bT, |m|)            matmuls m of the layer
                  + attn                                      see below
-                 + o_layer + e b T (h + f) i / E ]           dispatch, elementwise
+                 + o (1 + n_parts) + e b T (h + f) i / E ]   dispatch, elementwise
              + n_w W / Q   (compressed weights)              dequantize, once per fetch
              + K b (S-T) kv / Q   (compressed cache)
        attn = prefill: 4 b H T S D / A_p;  decode: b S kv / A_d, where the share
@@ -28,8 +28,10 @@ Per layer and pass, each resource is busy for (seconds):
   d2h      G = [K (c_c + c_d) b T kv' + K a_c b T h i] / B_d2h          (CUDA only)
 
 F is the profile's matmul rate at that row count and weight size, A the
-attention rates, E the elementwise rate, Q the dequantize rate, o_layer the
-measured dispatch cost of one layer call. On a CPU-only machine there is no
+attention rates, E the elementwise rate, Q the dequantize rate, o the
+measured dispatch cost of one layer call; the engine's own bookkeeping per
+(layer, micro-batch) step is taken as one more such call per tier holding
+cache rows (n_parts), a calibration from SmolLM2 runs on the dev box. On a CPU-only machine there is no
 h2d / d2h link (the "gpu" tier is host RAM).
 
 With overlap, a layer's I/O runs while it computes. On a machine with few
@@ -210,7 +212,10 @@ class CostModel:
 
         rows = b * T
         mm = sum(2.0 * rows * math.prod(m) / comp.matmul_rate(dt, rows, math.prod(m)) for m in self.mats)
-        over = comp.layer_overhead_s.get(c.family, 0.0)
+        # dispatch: the model's layer call, plus the engine's bookkeeping around it (schedule
+        # step, cache-part slicing and concatenation), taken as one more call per cache part
+        parts = sum(1 for sh in policy.shares("cache") if sh > 0)
+        over = comp.layer_overhead_s.get(c.family, 0.0) * (1 + parts)
         elem = ELEMENTWISE_PASSES * rows * (c.hidden_size + c.ffn_dim) * it / comp.elementwise_Bps
         if decode:
             on_dev = b * S * kv / comp.attn_decode_Bps
