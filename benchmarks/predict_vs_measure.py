@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capped-prompt-len", type=int, default=32)
     ap.add_argument("--capped-gen-len", type=int, default=8)
     ap.add_argument("--mem-cap", default="2GiB")
-    ap.add_argument("--capped-cpu-mem", default="1.6GiB", help="tiergen --cpu-mem and --gpu-mem under the cap")
+    ap.add_argument("--capped-cpu-mem", default="0.9GiB", help="tiergen --cpu-mem under the cap")
+    ap.add_argument("--capped-gpu-mem", default="0.5GiB", help="tiergen --gpu-mem under the cap (the same RAM)")
     ap.add_argument("--offload-dir", default="/tmp/tiergen-bench/offload")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", default=None)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         copy_dir = Path(a.offload_dir) / f"model-copy-{int(time.time())}"
         model = private_copy(a.capped_model, copy_dir)
         # Under a shared-RAM cap both tiers come out of it: budgets the cap can hold.
-        extra = ["--cpu-mem", a.capped_cpu_mem, "--gpu-mem", a.capped_cpu_mem,
+        extra = ["--cpu-mem", a.capped_cpu_mem, "--gpu-mem", a.capped_gpu_mem,
                  "--offload-dir", str(Path(a.offload_dir) / "tiergen")]
         groups.append(("capped", model, a.capped, a.capped_prompt_len, a.capped_gen_len,
                        parse_bytes(a.mem_cap), extra))
