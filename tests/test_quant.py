@@ -125,6 +125,9 @@ def test_nibble_order() -> None:
     # Documented layout: the first code in the low bits.
     assert pack(torch.tensor([[1, 2]], dtype=torch.uint8), 4).tolist() == [[0x21]]
     assert pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[0b00111001]]
+    # longer groups are packed in planes: byte j holds codes j and j + n/2
+    assert pack(torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8), 4).tolist() == [[0x31, 0x42]]
+    assert pack(torch.tensor([[1, 2, 3]], dtype=torch.uint8), 4).tolist() == [[0x31, 0x02]]
 
 
 def test_nbytes_4_bit_fp16() -> None:
