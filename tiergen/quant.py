@@ -344,6 +344,8 @@ class _Kernel:
         if self.enabled:
             try:
                 if self.compiled is None:
+                    import torch._inductor.config as inductor
+                    inductor.compile_threads = 1   # no pool of compiler processes: they cost RAM, not time here
                     self.compiled = torch.compile(_dequantize_planar, dynamic=True)
                 return self.compiled(*args)
             except Exception:   # noqa: BLE001 -- any compiler failure: stay correct, run eager
