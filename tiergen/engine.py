@@ -14,11 +14,18 @@ import torch
 
 from .kv_cache import KVCache, Runtime
 from .models.attention import build_mask
-from .models.base import Model, StepContext, Weights
+from .models.base import Model, StepContext, Weights, row_chunks
 from .policy import Policy, split_rows
 from .sampling import SamplingParams, make_generators, sample
 from .schedule import plan
 from .sequence import Sequence, Stopper
+
+
+# Without a GPU, token-wise layer work and the LM head go in row chunks whose
+# widest intermediate is about this size, so it stays in the core's cache (MiBs
+# of L2) instead of streaming through RAM, and the allocator reuses the same
+# blocks instead of faulting in fresh pages for every tensor.
+CPU_CHUNK_BYTES = 8 << 20
 
 
 class WeightStore(Protocol):
@@ -51,6 +58,17 @@ class Engine:
         self.device, self.dtype = rt.device, rt.dtype
         self._plans: dict[int, list] = {}
         self._kv_count = 0
+        self.chunk_rows, self.head_rows = self._chunking()
+
+    def _chunking(self) -> tuple[int | None, int | None]:
+        """Rows per chunk for layers and for the head (None: no chunking, on a GPU)."""
+        if self.device.type == "cuda":
+            return None, None
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        widest = max(self.cfg.ffn_dim, self.cfg.hidden_size)
+        layer_rows = max(64, CPU_CHUNK_BYTES // (widest * elem))
+        head_rows = max(16, CPU_CHUNK_BYTES // (self.cfg.vocab_size * 4))   # logits are float32
+        return layer_rows, head_rows
 
     # ------------------------------------------------------------- building
     def new_micro_batch(self, seqs: list[Sequence], extra_cols: int) -> tuple[MicroBatch, torch.Tensor]:
@@ -73,7 +91,7 @@ class Engine:
 
     def _context(self, mb: MicroBatch, positions: torch.Tensor, num_new: int) -> StepContext:
         mask = build_mask(mb.key_valid, mb.col, num_new, self.cfg.sliding_window)
-        ctx = StepContext(positions=positions, start=mb.col, mask=mask)
+        ctx = StepContext(positions=positions, start=mb.col, mask=mask, chunk_rows=self.chunk_rows)
         self.model.prepare(ctx)
         return ctx
 
@@ -116,27 +134,44 @@ class Engine:
             mb.cache.close()
 
     # ------------------------------------------------------------- generation
-    def prefill(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Prompt pass; returns next-token logits [B,V] per micro-batch."""
+    def prefill_hidden(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prompt pass; returns the last position's hidden state [B,1,E] per micro-batch."""
         positions = [prompt_positions(mb, x.shape[1]) for mb, x in zip(mbs, ids)]
         hidden = self.forward(mbs, ids, positions)
-        return [self.logits(h[:, -1:])[:, 0] for h in hidden]
+        return [h[:, -1:] for h in hidden]
 
-    def decode_step(self, mbs: list[MicroBatch], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One new token per sequence; returns next-token logits [B,V] per micro-batch."""
+    def decode_hidden(self, mbs: list[MicroBatch], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One new token per sequence; returns its hidden state [B,1,E] per micro-batch."""
         for mb in mbs:
             mb.key_valid[:, mb.col] = True
         positions = [mb.next_pos[:, None] for mb in mbs]
         hidden = self.forward(mbs, [t[:, None].to(self.device) for t in tokens], positions)
         for mb in mbs:
             mb.next_pos += 1
-        return [self.logits(h)[:, 0] for h in hidden]
+        return hidden
 
-    def sample_next(self, mbs: list[MicroBatch], logits: list[torch.Tensor], params: SamplingParams,
+    def prefill(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prompt pass; returns next-token logits [B,V] per micro-batch."""
+        return [self.logits(h)[:, 0] for h in self.prefill_hidden(mbs, ids)]
+
+    def decode_step(self, mbs: list[MicroBatch], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One new token per sequence; returns next-token logits [B,V] per micro-batch."""
+        return [self.logits(h)[:, 0] for h in self.decode_hidden(mbs, tokens)]
+
+    def next_tokens(self, hidden: torch.Tensor, params: SamplingParams,
+                    generators: list[torch.Generator] | None) -> torch.Tensor:
+        """Next token per row of hidden [B,1,E]. Greedy needs only each row's argmax,
+        so the head runs in row chunks and the [B,V] logits never exist at once."""
+        if params.greedy:
+            return torch.cat([sample(self.logits(hidden[r])[:, 0], params, None)
+                              for r in row_chunks(hidden.shape[0], self.head_rows)])
+        return sample(self.logits(hidden)[:, 0], params, generators)
+
+    def sample_next(self, mbs: list[MicroBatch], hidden: list[torch.Tensor], params: SamplingParams,
                     stopper: Stopper) -> list[torch.Tensor]:
         tokens = []
-        for mb, lg in zip(mbs, logits):
-            t = sample(lg, params, mb.generators)
+        for mb, h in zip(mbs, hidden):
+            t = self.next_tokens(h, params, mb.generators)
             for s, tok in zip(mb.seqs, t.tolist()):
                 stopper.push(s, tok)
             tokens.append(t)
@@ -157,12 +192,12 @@ class Engine:
             mb.generators = make_generators(params, [s.index for s in mb.seqs])
         tick = on_token or (lambda: None)
         try:
-            tokens = self.sample_next(mbs, self.prefill(mbs, [x for _, x in built]), params, stopper)
+            tokens = self.sample_next(mbs, self.prefill_hidden(mbs, [x for _, x in built]), params, stopper)
             tick()
             for _ in range(steps - 1):
                 if all(s.done for mb in mbs for s in mb.seqs):
                     break
-                tokens = self.sample_next(mbs, self.decode_step(mbs, tokens), params, stopper)
+                tokens = self.sample_next(mbs, self.decode_hidden(mbs, tokens), params, stopper)
                 tick()
         finally:
             self.finish(mbs)

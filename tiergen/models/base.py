@@ -26,11 +26,16 @@ class StepContext:
     positions [B,T]: position ids of the new tokens (per sequence, padding ignored);
     start: first cache column of the new tokens; mask [B,1,T,start+T] bool.
     ``extra`` holds per-step values a family precomputes once for all layers (RoPE).
+    ``chunk_rows``: the token-wise parts of a layer (norms, projections, MLP) run
+    over at most this many tokens at a time (None: all at once). On a CPU a
+    chunk's intermediates then stay in cache instead of streaming through RAM;
+    every token's result is the same either way.
     """
     positions: torch.Tensor
     start: int
     mask: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
+    chunk_rows: int | None = None
 
 
 class LayerKV(Protocol):
@@ -55,6 +60,18 @@ class Model(Protocol):
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return torch.nn.functional.linear(x, w, b)
+
+
+def row_chunks(n: int, chunk: int | None) -> list[slice]:
+    """Slices covering rows [0, n) in pieces of at most ``chunk`` rows."""
+    if not chunk or n <= chunk:
+        return [slice(0, n)]
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+def join_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Rows computed chunk by chunk, as one tensor (no copy for a single chunk)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from .base import LayerKV, NameMap, StepContext, Weights, activation, linear, register
-from .rope import apply_rope, rope_cos_sin
+from .base import LayerKV, NameMap, StepContext, Weights, activation, linear, register, row_chunks
+from .rope import apply_rope_into, rope_cos_sin
 
 _L = r"(?:model\.)?layers\.(?P<i>\d+)\."
 _NAMES = NameMap([
@@ -34,8 +34,9 @@ _NAMES = NameMap([
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 and cast back before the gain, as the reference does.
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
+    # y is a fresh temporary: scale it in place rather than allocate another
+    return y.mul_(w) if w.dtype == y.dtype else w * y
 
 
 @register("llama")
@@ -66,25 +67,40 @@ class Llama:
         return out
 
     def prepare(self, ctx: StepContext) -> None:
-        ctx.extra["rope"] = rope_cos_sin(self.cfg, ctx.positions)
+        cos, sin = rope_cos_sin(self.cfg, ctx.positions)      # [B, T, rd]
+        # token-major rows [B*T, 1, rd]: the layer works on flattened tokens
+        ctx.extra["rope"] = (cos.flatten(0, 1)[:, None], sin.flatten(0, 1)[:, None])
 
     def embed(self, w: Weights, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return w["tok"][ids]
 
     def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor:
         c = self.cfg
-        B, T, _ = x.shape
-        h = rms_norm(x, w["attn_norm"], c.norm_eps)
-        q = linear(h, w["wq"], w.get("bq")).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
-        k = linear(h, w["wk"], w.get("bk")).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = linear(h, w["wv"], w.get("bv")).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        B, T, E = x.shape
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        n = B * T
+        rows = x.reshape(n, E)
+        chunks = row_chunks(n, ctx.chunk_rows)
         cos, sin = ctx.extra["rope"]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B, T, -1)
-        x = x + linear(o, w["wo"], w.get("bo"))
-        h = rms_norm(x, w["ffn_norm"], c.norm_eps)
-        g = self.act(linear(h, w["w_gate"], w.get("b_gate"))) * linear(h, w["w_up"], w.get("b_up"))
-        return x + linear(g, w["w_down"], w.get("b_down"))
+        # Token-wise work runs chunk by chunk; only attention needs every token at once.
+        q = x.new_empty(n, H, D)
+        k = x.new_empty(n, Hkv, D)
+        v = x.new_empty(n, Hkv, D)
+        for r in chunks:
+            h = rms_norm(rows[r], w["attn_norm"], c.norm_eps)
+            apply_rope_into(linear(h, w["wq"], w.get("bq")).view(-1, H, D), cos[r], sin[r], q[r])
+            apply_rope_into(linear(h, w["wk"], w.get("bk")).view(-1, Hkv, D), cos[r], sin[r], k[r])
+            v[r] = linear(h, w["wv"], w.get("bv")).view(-1, Hkv, D)
+        heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
+                 v.view(B, T, Hkv, D).transpose(1, 2))
+        o = kv.attend(*heads, ctx).transpose(1, 2).reshape(n, H * D)
+        out = torch.empty_like(rows)
+        for r in chunks:
+            y = rows[r] + linear(o[r], w["wo"], w.get("bo"))
+            h = rms_norm(y, w["ffn_norm"], c.norm_eps)
+            g = self.act(linear(h, w["w_gate"], w.get("b_gate"))).mul_(linear(h, w["w_up"], w.get("b_up")))
+            torch.add(y, linear(g, w["w_down"], w.get("b_down")), out=out[r])
+        return out.view(B, T, E)
 
     def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
         return linear(rms_norm(x, w["norm"], self.cfg.norm_eps), w["lm_head"])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .base import LayerKV, NameMap, StepContext, Weights, activation, linear, register
+from .base import LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, register, row_chunks
 
 # Learned position embeddings are offset by 2 (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -89,17 +89,26 @@ class OPT:
     def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor:
         c = self.cfg
         pre = c.do_layer_norm_before
-        B, T, _ = x.shape
-        h = self._ln(x, w, "ln1") if pre else x
-        q, k, v = (linear(h, w[f"w{p}"], w.get(f"b{p}")).view(B, T, c.num_heads, c.head_dim)
-                   .transpose(1, 2) for p in "qkv")
-        o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B, T, -1)
-        x = x + linear(o, w["wo"], w.get("bo"))
-        if not pre:
-            x = self._ln(x, w, "ln1")
-        h = self._ln(x, w, "ln2") if pre else x
-        x = x + linear(self.act(linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
-        return x if pre else self._ln(x, w, "ln2")
+        B, T, E = x.shape
+        rows = x.reshape(B * T, E)
+        chunks = row_chunks(B * T, ctx.chunk_rows)
+        # Token-wise work runs chunk by chunk; only attention needs every token at once.
+        qkv: list[list[torch.Tensor]] = [[], [], []]
+        for r in chunks:
+            h = self._ln(rows[r], w, "ln1") if pre else rows[r]
+            for i, p in enumerate("qkv"):
+                qkv[i].append(linear(h, w[f"w{p}"], w.get(f"b{p}")))
+        q, k, v = (join_rows(parts).view(B, T, c.num_heads, c.head_dim).transpose(1, 2) for parts in qkv)
+        o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B * T, -1)
+        out = []
+        for r in chunks:
+            y = rows[r] + linear(o[r], w["wo"], w.get("bo"))
+            if not pre:
+                y = self._ln(y, w, "ln1")
+            h = self._ln(y, w, "ln2") if pre else y
+            y = y + linear(self.act(linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
+            out.append(y if pre else self._ln(y, w, "ln2"))
+        return join_rows(out).view(B, T, E)
 
     def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
         if self.has_final_norm:

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ModelConfig
 
-__all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope", "rotary_dim", "ROPE_TYPES"]
+__all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope", "apply_rope_into", "rotary_dim", "ROPE_TYPES"]
 
 
 def _freeze(v: Any) -> Any:
@@ -301,3 +301,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if rd == x.shape[-1]:
         return out
     return torch.cat((out, x[..., rd:]), dim=-1)
+
+
+def apply_rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    """``apply_rope`` for token-major x [N, H, D], written into ``out`` (same shape).
+
+    cos/sin are [N, 1, rotary_dim] rows of ``rope_cos_sin``. Its layout repeats
+    the angles in both halves, so with x = (x1, x2) on the rotated dims
+        out1 = x1*cos - x2*sin,   out2 = x2*cos + x1*sin
+    and each half is two fused passes straight into ``out``, with none of
+    rotate_half's temporaries. Half-precision x is rotated in float32 and
+    rounded once, like ``apply_rope``.
+    """
+    rd = cos.shape[-1]
+    half = rd // 2
+    c, s = cos[..., :half], sin[..., :half]
+    exact = x.dtype == torch.float32 and out.dtype == torch.float32
+    src = x if exact else x[..., :rd].float()
+    dst = out if exact else torch.empty(src.shape[:-1] + (rd,), dtype=torch.float32, device=x.device)
+    x1, x2 = src[..., :half], src[..., half:rd]
+    o1, o2 = dst[..., :half], dst[..., half:rd]
+    torch.mul(x1, c, out=o1)
+    o1.addcmul_(x2, s, value=-1.0)
+    torch.mul(x2, c, out=o2)
+    o2.addcmul_(x1, s)
+    if not exact:
+        out[..., :rd] = dst
+    if rd < x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
