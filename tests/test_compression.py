@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from checks import assert_same_output
 from test_parity import PROMPT, hf_step_logits, our_step_logits
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.kv_codec import DenseCodec, QuantCodec, empty_store, nbytes
@@ -89,13 +90,9 @@ def compressed_resident(hf_model_dirs):
 @pytest.mark.parametrize("name", ["opt", "llama_gqa"])
 def test_compressed_weights_same_output_on_every_placement(name, policy, compressed_resident, tmp_path, device):
     path, ref_tokens, ref_scores = compressed_resident(name, compress_weight=True)
-    llm = LLM(path, dtype="float32", policy=replace(WEIGHT_GRID[policy], compress_weight=True), offload_dir=str(tmp_path), device=device)
-    assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)] == ref_tokens
-    for a, b in zip(llm.score(token_ids=PROMPTS), ref_scores):
-        assert abs(a.logprob - b.logprob) <= 1e-5 * abs(b.logprob)
-    rep = llm.memory_report()
-    for tier in rep["tiers"].values():
-        assert tier["peak"] <= tier["budget"]
+    llm = LLM(path, dtype="float32", policy=replace(WEIGHT_GRID[policy], compress_weight=True),
+              offload_dir=str(tmp_path), device=device)
+    assert_same_output(llm, PROMPTS, PARAMS, ref_tokens, ref_scores)
     llm.close()
     assert not os.listdir(tmp_path)
 
@@ -127,10 +124,7 @@ def test_compressed_cache_same_output_on_every_placement(name, keys, policy, com
         ref_tokens = [o.token_ids for o in ref.generate(prompt_token_ids=PROMPTS, params=PARAMS)]
         ref_scores = ref.score(token_ids=PROMPTS)
     llm = LLM(path, dtype="float32", policy=base, offload_dir=str(tmp_path), device=device)
-    assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)] == ref_tokens
-    for a, b in zip(llm.score(token_ids=PROMPTS), ref_scores):
-        assert abs(a.logprob - b.logprob) <= 1e-5 * abs(b.logprob)
-    rep = llm.memory_report()
+    rep = assert_same_output(llm, PROMPTS, PARAMS, ref_tokens, ref_scores)
     if not rep["kv_cache"]["disk"]:   # (tiny disk fields round up to 4 KiB each)
         assert sum(rep["kv_cache"].values()) < rep["kv_cache_uncompressed"]
     llm.close()

@@ -3,6 +3,8 @@ import os
 
 import pytest
 
+from checks import assert_same_output
+
 from tiergen import LLM, Policy, PolicyDoesNotFitError, SamplingParams
 
 PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9], [5, 6], list(range(10, 31)), [200, 100, 50, 25, 12]]
@@ -55,13 +57,7 @@ def resident(hf_model_dirs):
 def test_policy_matches_resident(name, policy, resident, tmp_path, device):
     path, ref_tokens, ref_scores = resident(name)
     llm = LLM(path, dtype="float32", policy=GRID[policy], offload_dir=str(tmp_path), device=device)
-    got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)]
-    assert got == ref_tokens
-    for a, b in zip(llm.score(token_ids=PROMPTS), ref_scores):
-        assert abs(a.logprob - b.logprob) <= 1e-5 * abs(b.logprob)
-    rep = llm.memory_report()
-    for tier in rep["tiers"].values():
-        assert tier["peak"] <= tier["budget"]
+    assert_same_output(llm, PROMPTS, PARAMS, ref_tokens, ref_scores)
     llm.close()
     assert not os.listdir(tmp_path), "offload files must be removed at close"
 

@@ -14,6 +14,7 @@ for it -- once per block, however many micro-batches use it. Embedding tables
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -154,6 +155,7 @@ class TieredWeights:
             if off:
                 self._new_file(g, off, offload)
         self._load_all(source, model, shapes, pin)
+        _return_freed_memory()
         self.loaded: dict[str | int, tuple[Ready, int, torch.Tensor | None]] = {}
 
     def _load_all(self, source: ModelSource, model: Model, shapes: dict, pin: bool) -> None:
@@ -302,6 +304,15 @@ class TieredWeights:
                     seen.add(key)
                     out[h.tier] += _nbytes(h.shape, self.dtype) if dense else h.nbytes
         return out
+
+
+def _return_freed_memory() -> None:
+    """Loading (quantizing above all) frees many mid-sized float32 temporaries that glibc
+    keeps in its heap; hand them back so a memory-capped run has that room."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
 
 
 # Tables the model only indexes by token id: fetched row by row, never whole.
