@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.offload_benchmark import last_json, parse_tiergen_spec, private_copy  # noqa: E402
+from benchmarks.offload_benchmark import capped_entry, last_json, parse_tiergen_spec, private_copy  # noqa: E402
 
 OPT_DIR = "/tmp/tiergen-bench/opt-1.3b-random"
 
@@ -41,13 +41,14 @@ def bench_cmd(model: str, spec: str, prompt_len: int, gen_len: int, extra: list[
     return cmd + ["--gpu-batch-size", str(b), "--num-gpu-batches", str(k), "--percent", *map(str, pct), *flags]
 
 
-def run(cmd: list[str], cap: int | None, evict: list[str], timeout: float) -> tuple[dict | None, str]:
+def run(cmd: list[str], cap: int | None, evict: list[str], timeout: float) -> tuple[dict | None, str, dict | None]:
+    """(bench JSON, stderr tail, the cgroup's account of a capped run: peaks, major faults, disk reads)."""
     if cap:
         from benchmarks.cgroup import run_capped
         r = run_capped(cmd, cap, timeout, evict=evict, cwd=str(ROOT))
-        return last_json(r.stdout), r.stderr[-800:]
+        return last_json(r.stdout), r.stderr[-800:], capped_entry(r)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    return last_json(p.stdout), p.stderr[-800:]
+    return last_json(p.stdout), p.stderr[-800:], None
 
 
 def predict_for(result: dict[str, Any], model: str, profile: Any) -> dict[str, Any]:
@@ -61,6 +62,8 @@ def predict_for(result: dict[str, Any], model: str, profile: Any) -> dict[str, A
     pd = dict(result["policy"])
     dt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
     for key, cls in (("weight_quant", QuantConfig), ("cache_quant", KVQuantConfig)):
+        if key not in pd:           # results written before the quantizer existed
+            continue
         q = dict(pd[key])
         if q.get("scale_dtype"):
             q["scale_dtype"] = dt[q["scale_dtype"]]
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capped-gpu-mem", default="0.5GiB", help="tiergen --gpu-mem under the cap (the same RAM)")
     ap.add_argument("--offload-dir", default="/tmp/tiergen-bench/offload")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--reuse", nargs="*", default=[],
+                    help="earlier --out files (FILE or FILE:ram / FILE:capped for one kind of row): their "
+                         "measured rows join this table, re-predicted with this profile and cost model "
+                         "(nothing is re-run)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -94,8 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     from tiergen.policy.profile import cached_profile, load_profile
     profile = load_profile(a.profile) if a.profile else cached_profile()
     rows: list[dict[str, Any]] = []
+    for spec in a.reuse:
+        path, _, only = spec.partition(":")
+        for old in json.loads(Path(path).read_text())["rows"]:
+            if old["status"] != "ok" or (only and old["kind"] != only):
+                continue
+            res = old["measured"]
+            pred = predict_for(res, a.capped_model if old["kind"] == "capped" else old["model"], profile)
+            row = {k: v for k, v in old.items() if k not in ("predicted", "predicted_tok_s", "error")}
+            row |= {"reused_from": path, "predicted": pred, "predicted_tok_s": pred["throughput"],
+                    "error": pred["throughput"] / res["total_tok_s"] - 1}
+            print(f"[{old['kind']} {old['spec']}] (reused) measured {res['total_tok_s']:.2f} predicted "
+                  f"{pred['throughput']:.2f} tok/s ({row['error']:+.0%})", file=sys.stderr)
+            rows.append(row)
     groups = [("ram", a.ram_model, a.ram, a.ram_prompt_len, a.ram_gen_len, None, [])]
     copy_dir = None
+    if not (a.ram or a.capped):
+        groups = []
     if a.capped:
         Path(a.offload_dir, "tiergen").mkdir(parents=True, exist_ok=True)
         copy_dir = Path(a.offload_dir) / f"model-copy-{int(time.time())}"
@@ -111,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             for spec in specs:
                 cmd = bench_cmd(model, spec, P, G, ram_extra)
                 t0 = time.perf_counter()
-                res, err = run(cmd, cap, [model, a.offload_dir] if cap else [], a.timeout)
+                res, err, capped = run(cmd, cap, [model, a.offload_dir] if cap else [], a.timeout)
                 wall = time.perf_counter() - t0
                 row: dict[str, Any] = {"kind": kind, "model": Path(model).name if cap else model, "spec": spec,
-                                       "command": cmd, "wall_s": wall}
+                                       "command": cmd, "wall_s": wall, "capped": capped}
                 if res is None:
                     row["status"] = "failed"
                     row["stderr"] = err

@@ -93,6 +93,21 @@ def test_disk_offload_is_predicted_slower_than_ram():
     assert disk < ram
 
 
+def test_lm_head_on_disk_takes_its_turn_on_the_disk():
+    """A disk-bound pass reads the layers' and the lm_head's bytes from one disk: its
+    time is at least all those bytes over the read rate, whatever the overlap."""
+    prof = cpu_profile(io_slows_compute=1.0, compute_slows_io=1.0)
+    cm = CostModel(ModelConfig.from_name("opt-1.3b"), torch.bfloat16, prof, Workload(32, 8))
+    pol = Policy.from_percent([0, 30, 0, 100, 0, 100], gpu_batch_size=4)
+    x = cm.fractions(pol)
+    assert x["head_disk"] == 1.0                     # the tied lm_head is placed on disk whole
+    dec = cm.predict(pol).decode
+    layers = cm.cfg.num_layers * cm.pass_terms(pol, 1, 36)["disk"](x)
+    head = cm.head_terms(pol, x)["disk"](x)
+    assert head > 0 and dec.disk == pytest.approx(layers + head)
+    assert dec.total >= layers + head
+
+
 def test_memory_is_what_the_runtime_accounts():
     cfg = ModelConfig.from_name("opt-1.3b")
     cm = CostModel(cfg, torch.bfloat16, cpu_profile(), Workload(32, 8))

@@ -42,9 +42,14 @@ finishes alone, the layer takes
   t = max( D + C s_c (1 - 1/s_i),  C + D s_i (1 - 1/s_c),  H,  G )
 
 (= max(C, D, H, G) when s_c = s_i = 1). Without overlap t = C + D + H + G.
-A pass is L t plus the head (LM-head matmul, its streamed bytes, sampling)
-and the embedding gather. Every term is affine in the placement fractions,
-so the search's linear program uses exactly these expressions.
+A pass is L t plus the head's compute (LM-head matmul, sampling). The head's
+streamed bytes (D_h, H_h: the lm_head as the runtime places it, a whole tensor;
+in the LP it follows the layers' fractions) go on the same disk and link as the
+layers', so they are added to every layer's D and H as D_h / L and H_h / L: a
+link is one queue, and the head's read is hidden only where the layers leave it
+idle. (The embedding gather reads only the rows a pass needs: not modelled.)
+Every term is affine in the placement fractions, so the search's linear
+program uses exactly these expressions.
 
 Throughput (the bench metric) for one block with prompt length P and G
 generated tokens: b K G / (t_prefill + sum over decode steps of t_decode(S)),
@@ -249,9 +254,14 @@ class CostModel:
                 h2d = h2d + (K * rc * prefix / p.h2d()) * (var("c_cpu") + var("c_disk"))
         return {"compute": compute, "disk": disk, "h2d": h2d, "d2h": d2h}
 
-    def head_terms(self, policy: Policy) -> dict[str, Affine]:
-        """LM head for every micro-batch (one token per row) plus sampling; its
-        streamed weights are fetched once per pass, overlapped with the layers."""
+    def head_terms(self, policy: Policy, placed: Mapping[str, float] | None = None) -> dict[str, Affine]:
+        """LM head for every micro-batch (one token per row) plus sampling, and the
+        embedding gather. The head's streamed weights are fetched once per pass on the
+        same links as the layers' (pass_cost spreads them over the layers).
+
+        ``placed`` (from fractions()) gives where the runtime really puts the lm_head and
+        the token embedding (whole tensors, placed by their own group's shares); without
+        it (the search's LP) the head follows the layers' fractions."""
         c, p = self.cfg, self.prof
         b, K = policy.gpu_batch_size, policy.num_gpu_batches
         dt = _dtype_name(self.dtype)
@@ -260,9 +270,25 @@ class CostModel:
         mm = 2.0 * b * size / p.compute.matmul_rate(dt, b, size)
         sample = 3 * b * c.vocab_size * 4 / p.compute.elementwise_Bps
         hb = size * self.it * self.weight_ratio(policy)
-        disk = (hb / p.disk_read_Bps) * var("w_disk")
-        h2d = (hb / p.h2d()) * (var("w_cpu") + var("w_disk")) if p.device == "cuda" else Affine()
+        if placed is not None:
+            on_disk, on_cpu = Affine(placed["head_disk"]), Affine(placed["head_cpu"])
+        else:
+            on_disk, on_cpu = var("w_disk"), var("w_cpu")
+        disk = (hb / p.disk_read_Bps) * on_disk
+        h2d = (hb / p.h2d()) * (on_cpu + on_disk) if p.device == "cuda" else Affine()
         return {"compute": Affine(K * (mm + sample)), "disk": disk, "h2d": h2d}
+
+    def pass_layer_terms(self, policy: Policy, T: int, S: float,
+                         placed: Mapping[str, float] | None = None) -> dict[str, Affine]:
+        """pass_terms with the head's streamed bytes spread over the L layers: the disk
+        and the link are one queue each, so the head's read takes its turn among the
+        layers' reads (it is hidden only when the layers leave that link idle)."""
+        t = dict(self.pass_terms(policy, T, S))
+        head = self.head_terms(policy, placed)
+        L = self.cfg.num_layers
+        t["disk"] = t["disk"] + head["disk"] * (1.0 / L)
+        t["h2d"] = t["h2d"] + head["h2d"] * (1.0 / L)
+        return t
 
     def combine(self, policy: Policy, t: Mapping[str, float]) -> float:
         """One layer's time from its per-resource seconds (module docstring)."""
@@ -277,15 +303,12 @@ class CostModel:
 
     def pass_cost(self, policy: Policy, x: Mapping[str, float], T: int, S: float) -> PassCost:
         L = self.cfg.num_layers
-        terms = {k: v(x) for k, v in self.pass_terms(policy, T, S).items()}
-        head = {k: v(x) for k, v in self.head_terms(policy).items()}
-        # the head's read overlaps the layers (fetched right after the embedding)
-        layer_t = self.combine(policy, terms)
-        io_head = head["disk"] + head["h2d"]
-        total = max(L * layer_t, io_head) + head["compute"]
-        return PassCost(compute=L * terms["compute"] + head["compute"], disk=L * terms["disk"] + head["disk"],
-                        h2d=L * terms["h2d"] + head["h2d"], d2h=L * terms["d2h"], head=head["compute"],
-                        total=total)
+        placed = x if "head_disk" in x else None
+        terms = {k: v(x) for k, v in self.pass_layer_terms(policy, T, S, placed).items()}
+        head = {k: v(x) for k, v in self.head_terms(policy, placed).items()}
+        total = L * self.combine(policy, terms) + head["compute"]
+        return PassCost(compute=L * terms["compute"] + head["compute"], disk=L * terms["disk"],
+                        h2d=L * terms["h2d"], d2h=L * terms["d2h"], head=head["compute"], total=total)
 
     # ------------------------------------------------------------- placement
     def fractions(self, policy: Policy) -> dict[str, float]:
@@ -302,8 +325,12 @@ class CostModel:
         b = policy.gpu_batch_size
         cg, cc, cd = split_rows(b, policy.shares("cache"))
         ag, ac, ad = split_rows(b, policy.shares("act"))
+        head_sizes = group_sizes(self.model, self.dtype, quant)[0]["head"]
+        head_tier = place_group(head_sizes, policy.shares("w"))["lm_head"]
         return {"w_gpu": wb["gpu"] / tot, "w_cpu": wb["cpu"] / tot, "w_disk": wb["disk"] / tot,
-                "c_gpu": cg / b, "c_cpu": cc / b, "c_disk": cd / b, "a_gpu": ag / b, "a_cpu": (ac + ad) / b}
+                "c_gpu": cg / b, "c_cpu": cc / b, "c_disk": cd / b, "a_gpu": ag / b, "a_cpu": (ac + ad) / b,
+                # not LP variables: where the lm_head really goes (head_terms)
+                "head_cpu": float(head_tier == "cpu"), "head_disk": float(head_tier == "disk")}
 
     def memory(self, policy: Policy) -> dict[str, int]:
         """Bytes per tier the runtime accounts for this policy (weights + one block)."""

@@ -6,7 +6,7 @@ every tier's bytes are affine in the eight fractions (cost_model docstring), so
 
     minimise   T_pre + (G - 1) T_dec
     subject to T_pass >= L * term(x)    for each overlap term of that pass
-               T_pass >= head I/O(x)
+                                        (the head's I/O spread over the layers)
                mem_tier(x) <= (1 - margin) * budget_tier       (gpu, cpu, disk)
                mem_gpu(x) + mem_cpu(x) <= (1 - margin) * host   (no GPU: one RAM)
                w_g + w_c + w_d = 1, c_g + c_c + c_d = 1, a_g + a_c = 1, 0 <= x <= 1
@@ -101,14 +101,12 @@ def solve_lp(cm: CostModel, policy: Policy, budgets: dict[str, float], shared_ho
         A.append(row)
         bu.append(rhs - const)
 
-    head = cm.head_terms(policy)
     for t_index, (T, S) in ((len(VARS), (P, P)), (len(VARS) + 1, (1, P + G / 2))):
-        terms = cm.pass_terms(policy, T, S)
+        terms = cm.pass_layer_terms(policy, T, S)
         C, D, H, Gd = terms["compute"], terms["disk"], terms["h2d"], terms["d2h"]
         cands = cm.overlap_terms(C, D) + [H, Gd] if policy.overlap else [C + D + H + Gd]
         for term in cands:
             le(term * L, 0.0, t_index, -1.0)         # L term(x) - T <= 0
-        le(head["disk"] + head["h2d"], 0.0, t_index, -1.0)
     mem = cm.memory_affine(policy)
     for tier in ("gpu", "cpu", "disk"):
         le(mem[tier], (1 - margin) * budgets[tier])
