@@ -39,9 +39,10 @@ def test_greedy_tokens_match_transformers_gguf(ours, reference, chat):
         assert o.token_ids == hf_greedy(reference, p, STEPS)
 
 
-def test_default_bf16_model_answers_sensibly():
+def test_default_model_answers_sensibly():
     llm = LLM("smollm2-135m")
-    assert llm.dtype == torch.bfloat16
+    # float32 is the CPU default (faster than bf16 on CPUs without AMX), bf16 on a GPU
+    assert llm.dtype == (torch.float32 if llm.device.type == "cpu" else torch.bfloat16)
     out = llm.generate(["What is the capital of France?"], SamplingParams(max_new_tokens=24), chat=True)[0]
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")

@@ -9,7 +9,7 @@ import torch
 
 from .disk import IOPool, OffloadDir
 from .engine import Engine
-from .errors import InvalidRequestError, PromptTooLongError
+from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError
 from .kv_cache import Runtime
 from .memory_plan import block_demand, weight_demand
 from .models import get_model
@@ -54,7 +54,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
-        return torch.bfloat16  # fast on CPU (fp16 matmul is ~400x slower there) and on GPU
+        # CPUs without AMX multiply float32 faster than bfloat16 through torch (measured
+        # on AVX-512-bf16 Xeons: ~250 vs ~70-160 GFLOP/s at batch sizes that matter), and
+        # float32 is batch-invariant; LLM falls back to bfloat16 if float32 does not fit.
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
         dt = dtype
     elif dtype in DTYPES:
@@ -74,12 +77,13 @@ class LLM:
     weights of the model's shape. ``policy`` places weights, KV cache and activations
     over the compute device, host RAM and disk (default: everything resident, in
     micro-batches of ``batch_size``); ``gpu_mem`` / ``cpu_mem`` / ``disk`` are the
-    tiers' byte budgets (default: what the machine has free).
+    tiers' byte budgets (default: what the machine has free). ``batch_size`` defaults
+    to 256 on a CPU, where bigger matmuls run much closer to its peak, and 32 on a GPU.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, dummy: bool = False, seed: int = 0,
-                 policy: Policy | str | None = None, batch_size: int = 32, num_micro_batches: int = 1,
+                 policy: Policy | str | None = None, batch_size: int | None = None, num_micro_batches: int = 1,
                  schedule: str = "zigzag", offload_dir: str | None = None,
                  gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
                  disk: int | str | None = None, io_threads: int = 4):
@@ -89,6 +93,8 @@ class LLM:
             policy = resolve_auto(policy, model, dtype=dtype, device=device, dummy=dummy, seed=seed,
                                   gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk=disk, offload_dir=offload_dir)
         if policy is None:
+            cpu = resolve_device(device).type == "cpu"
+            batch_size = batch_size or (256 if cpu else 32)
             policy = Policy(gpu_batch_size=batch_size, num_gpu_batches=num_micro_batches, schedule=schedule)
         elif not isinstance(policy, Policy):
             raise InvalidRequestError(f"policy must be a tiergen.Policy, got {type(policy).__name__}")
@@ -102,7 +108,13 @@ class LLM:
         self.tiers = Tiers(self.device, parse_bytes(gpu_mem), parse_bytes(cpu_mem), parse_bytes(disk),
                            offload_dir)
         # Refuse a policy that cannot fit before a single weight is read.
-        self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device))
+        try:
+            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device))
+        except PolicyDoesNotFitError:
+            if dtype not in (None, "auto") or self.dtype != torch.float32:
+                raise
+            self.dtype = torch.bfloat16   # the automatic float32 choice must not cost a fit
+            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device))
         needs_disk = policy.w_gpu_percent + policy.w_cpu_percent < 100 or \
             policy.cache_gpu_percent + policy.cache_cpu_percent < 100
         self.offload = OffloadDir(offload_dir) if needs_disk else None

@@ -1,0 +1,213 @@
+"""CPU throughput on the embedded model: tiergen vs transformers vs llama.cpp.
+
+    python benchmarks/cpu_throughput.py [--prompts 256] [--prompt-len 64] [--gen 64]
+                                        [--systems peak,tiergen,transformers,llama.cpp]
+
+One run, one process tree: the prompts (``--prompts`` windows of
+``--prompt-len`` tokens of CPython's pydoc topics, see ``real_prompts.py``) are
+tokenized once and every system gets the same token ids; each system (and the
+matmul-peak probe) runs in a subprocess of its own, one after another, so no
+two share a thread pool or a core. Generation is greedy with EOS ignored,
+``--gen`` new tokens per prompt; throughput = generated tokens / wall time of
+the whole generate (prefill included), after loading and a warm-up.
+
+Baselines get their best settings: transformers (bf16 by default, as it is
+usually run on CPU; ``--hf-dtype``) sweeps its batch size, llama.cpp
+(llama-cpp-python, the GGUF's own Q4_1 weights, batched through the C API)
+sweeps the number of parallel sequences.
+
+Roofline: 2 x (matmul parameters) x tokens / peak matmul rate of tiergen's
+dtype, measured here by ``matmul_peak.py``. Reported two ways: over generated
+tokens only (what the issue's figure counts), and over all tokens the model
+must process (prompt tokens too, without the LM head for all but the last
+prompt position) -- the work actually done.
+
+Writes benchmarks/results/cpu_throughput.json (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SYSTEMS = ("peak", "tiergen", "transformers", "llama.cpp")
+
+
+# ---------------------------------------------------------------- workers
+def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks import cpu_systems as cs
+    prompts, gen, gguf = spec["prompts"], spec["gen"], spec["gguf"]
+    if name == "peak":
+        import torch
+        from benchmarks.matmul_peak import model_shapes, peak_rates
+        c = spec["config"]
+        shapes = model_shapes(c["hidden"], c["ffn"], c["q_dim"], c["kv_dim"], c["vocab"],
+                              rows=(len(prompts), len(prompts) * 4))
+        return {"system": "peak", "rates": peak_rates(shapes, (torch.float32, torch.bfloat16))}
+    if name == "tiergen":
+        return cs.run_tiergen(prompts, gen, spec["model"], dtype=spec.get("tiergen_dtype"),
+                              batch_size=spec.get("tiergen_batch"))
+    if name == "transformers":
+        return cs.run_transformers(prompts, gen, gguf, dtype=spec["hf_dtype"])
+    if name == "llama.cpp":
+        return cs.run_llama_cpp(prompts, gen, gguf)
+    raise ValueError(name)
+
+
+def run_worker(name: str, spec_path: str, log_dir: str) -> dict[str, Any]:
+    """Runs one system in a fresh interpreter; its chatter goes to a log file."""
+    out = os.path.join(log_dir, f"{name}.json")
+    log = os.path.join(log_dir, f"{name}.log")
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, "--spec", spec_path,
+                             "--result", out], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        return {"system": name, "error": f"exit {rc}", "log_tail": tail}
+    with open(out) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- report
+def matmul_params(cfg: Any) -> tuple[int, int]:
+    """(parameters in the layers' matmuls, parameters of the LM head)."""
+    h, f = cfg.hidden_size, cfg.ffn_dim
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return cfg.num_layers * (2 * h * q + 2 * h * kv + 3 * h * f), cfg.vocab_size * h
+
+
+def agreement(a: list[list[int]], b: list[list[int]], first: int = 16) -> float:
+    """Share of prompts whose first ``first`` generated tokens are identical."""
+    return sum(x[:first] == y[:first] for x, y in zip(a, b)) / max(1, len(a))
+
+
+def report(res: dict[str, Any], cfg: Any, n: int, plen: int, gen: int) -> dict[str, Any]:
+    layers, head = matmul_params(cfg)
+    systems = res["systems"]
+    summary: dict[str, Any] = {}
+    for name, r in systems.items():
+        if name == "peak" or "error" in r:
+            continue
+        toks = sum(map(len, r["tokens"]))
+        summary[name] = {"tok_s": toks / r["wall_s"], "wall_s": r["wall_s"], "generated": toks,
+                         "other_cpu_s": r["other_cpu_s"], "cores_used": r["cores_used"]}
+    tg = summary.get("tiergen")
+    if tg:
+        for other in ("transformers", "llama.cpp"):
+            if other in summary:
+                tg[f"x_{other}"] = tg["tok_s"] / summary[other]["tok_s"]
+                tg[f"agree16_{other}"] = agreement(systems["tiergen"]["tokens"], systems[other]["tokens"])
+        peak = systems.get("peak", {}).get("rates", {}).get(systems["tiergen"]["dtype"])
+        if peak:
+            rate = peak["peak_gflops"] * 1e9
+            gen_flops = 2 * (layers + head) * tg["generated"]
+            # prompt tokens: every layer, the head only at the last position; the first
+            # generated token comes out of the prefill, so decode passes are gen - 1
+            work = 2 * (layers * n * plen + head * n) + 2 * (layers + head) * n * (gen - 1)
+            tg["peak_gflops"] = peak["peak_gflops"]
+            tg["roofline_generated_tok_s"] = rate / (2 * (layers + head))
+            tg["roofline_fraction_generated"] = gen_flops / rate / tg["wall_s"]
+            tg["roofline_fraction_all_work"] = work / rate / tg["wall_s"]
+            tg["achieved_gflops"] = work / tg["wall_s"] / 1e9
+    return summary
+
+
+def print_summary(summary: dict[str, Any], res: dict[str, Any]) -> None:
+    sys_ = res["systems"]
+    print(f"\n{res['prompts']} prompts x {res['prompt_len']} tokens, {res['gen']} new tokens each, greedy "
+          f"({res['machine']})")
+    for name, s in summary.items():
+        r = sys_[name]
+        how = {"tiergen": f"{r['dtype']}, batch {r['batch_size']} x {r['num_micro_batches']}",
+               "transformers": f"{r['dtype']}, batch {r.get('batch_size')} (sweep {r.get('sweep_tok_s')})",
+               "llama.cpp": f"{r.get('weights')}, {r.get('n_seq')} parallel sequences "
+                            f"(sweep {r.get('sweep_tok_s')})"}[name]
+        print(f"  {name:13s} {s['tok_s']:8.1f} tok/s  {s['wall_s']:7.1f} s  [{how}]  "
+              f"other load {s['other_cpu_s']:.1f} cpu-s")
+    tg = summary.get("tiergen", {})
+    for other in ("transformers", "llama.cpp"):
+        if f"x_{other}" in tg:
+            print(f"  tiergen / {other}: {tg[f'x_{other}']:.2f}x  "
+                  f"(same first 16 tokens on {100 * tg[f'agree16_{other}']:.0f}% of prompts)")
+    if "roofline_fraction_generated" in tg:
+        print(f"  roofline ({tg['peak_gflops']:.0f} GFLOP/s peak {sys_['tiergen']['dtype']}): "
+              f"{tg['roofline_generated_tok_s']:.0f} generated tok/s -> tiergen at "
+              f"{100 * tg['roofline_fraction_generated']:.0f}% counting generated tokens, "
+              f"{100 * tg['roofline_fraction_all_work']:.0f}% counting all work "
+              f"({tg['achieved_gflops']:.0f} GFLOP/s)")
+    for name, r in sys_.items():
+        if "error" in r:
+            print(f"  {name}: FAILED ({r['error']})\n{r['log_tail']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--tiergen-dtype", default=None, help="default: tiergen's own default")
+    ap.add_argument("--tiergen-batch", type=int, default=None, help="default: tiergen's own default")
+    ap.add_argument("--hf-dtype", default="bfloat16")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_throughput.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        with open(a.spec) as f:
+            spec = json.load(f)
+        r = worker(a.worker, spec)
+        with open(a.result, "w") as f:
+            json.dump(r, f)
+        return
+
+    from benchmarks.real_prompts import token_windows
+    from tiergen.weights.source import resolve
+    source = resolve(a.model)
+    cfg = source.config
+    gguf = source.description[len("GGUF "):] if source.description.startswith("GGUF ") else None
+    prompts = token_windows(source.tokenizer(), a.prompts, a.prompt_len)
+    spec = {"prompts": prompts, "gen": a.gen, "model": a.model, "gguf": gguf, "hf_dtype": a.hf_dtype,
+            "tiergen_dtype": a.tiergen_dtype, "tiergen_batch": a.tiergen_batch,
+            "config": {"hidden": cfg.hidden_size, "ffn": cfg.ffn_dim, "q_dim": cfg.num_heads * cfg.head_dim,
+                       "kv_dim": cfg.num_kv_heads * cfg.head_dim, "vocab": cfg.vocab_size}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    res: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(), "commit": commit, "command": " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": a.model, "prompts": a.prompts, "prompt_len": a.prompt_len, "gen": a.gen,
+        "prompt_source": "pydoc_data/topics.py token windows", "systems": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = os.path.join(tmp, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        for name in a.systems.split(","):
+            if name not in SYSTEMS:
+                raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+            if name != "peak" and name != "tiergen" and gguf is None:
+                raise SystemExit(f"{name} needs a GGUF model")
+            print(f"running {name} ...", flush=True)
+            res["systems"][name] = run_worker(name, spec_path, tmp)
+    res["summary"] = report(res, cfg, a.prompts, a.prompt_len, a.gen)
+    print_summary(res["summary"], res)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
