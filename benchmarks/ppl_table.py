@@ -40,7 +40,7 @@ class Row:
 W = WEIGHT_QUANT
 ROWS: dict[str, Row] = {
     "fp32": Row("float32 weights and cache", dtype="float32"),
-    "bf16": Row("bfloat16 (the engine's default dtype): the baseline"),
+    "bf16": Row("bfloat16 weights and cache: the baseline"),
     "w4": Row("4-bit weights, default (groups of 32 along the input dim)", policy=dict(compress_weight=True)),
     "w4-g64": Row("4-bit weights, groups of 64 along the input dim",
                   policy=dict(compress_weight=True, weight_quant=QuantConfig(4, 64, -1))),
