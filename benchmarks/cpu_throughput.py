@@ -128,10 +128,12 @@ def print_summary(summary: dict[str, Any], res: dict[str, Any]) -> None:
           f"({res['machine']})")
     for name, s in summary.items():
         r = sys_[name]
-        how = {"tiergen": f"{r['dtype']}, batch {r['batch_size']} x {r['num_micro_batches']}",
-               "transformers": f"{r['dtype']}, batch {r.get('batch_size')} (sweep {r.get('sweep_tok_s')})",
-               "llama.cpp": f"{r.get('weights')}, {r.get('n_seq')} parallel sequences "
-                            f"(sweep {r.get('sweep_tok_s')})"}[name]
+        if name == "tiergen":
+            how = f"{r['dtype']}, batch {r['batch_size']} x {r['num_micro_batches']}"
+        elif name == "transformers":
+            how = f"{r['dtype']}, batch {r['batch_size']} (sweep {r['sweep_tok_s']})"
+        else:
+            how = f"{r['weights']}, {r['n_seq']} parallel sequences (sweep {r['sweep_tok_s']})"
         print(f"  {name:13s} {s['tok_s']:8.1f} tok/s  {s['wall_s']:7.1f} s  [{how}]  "
               f"other load {s['other_cpu_s']:.1f} cpu-s")
     tg = summary.get("tiergen", {})
@@ -202,10 +204,10 @@ def main() -> None:
             print(f"running {name} ...", flush=True)
             res["systems"][name] = run_worker(name, spec_path, tmp)
     res["summary"] = report(res, cfg, a.prompts, a.prompt_len, a.gen)
-    print_summary(res["summary"], res)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
+    print_summary(res["summary"], res)
     print(f"wrote {a.out}")
 
 
