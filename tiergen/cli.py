@@ -28,8 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bfloat16)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     pol = p.add_argument_group("policy and budgets")
-    pol.add_argument("--gpu-batch-size", "--batch-size", type=int, default=32, dest="gpu_batch_size",
-                     help="sequences per micro-batch")
+    pol.add_argument("--gpu-batch-size", "--batch-size", type=int, default=None, dest="gpu_batch_size",
+                     help="sequences per micro-batch (default 256 on a CPU, 32 on a GPU)")
     pol.add_argument("--num-gpu-batches", type=int, default=1, help="micro-batches per block")
     pol.add_argument("--percent", type=float, nargs=6, default=[100, 0, 100, 0, 100, 0],
                      metavar=("W_GPU", "W_CPU", "CACHE_GPU", "CACHE_CPU", "ACT_GPU", "ACT_CPU"),
@@ -69,7 +69,9 @@ def quant_from_args(args: argparse.Namespace) -> dict:
 
 def policy_from_args(args: argparse.Namespace):  # -> Policy
     from .policy import Policy
-    return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
+    from .llm import resolve_device
+    batch = args.gpu_batch_size or (32 if resolve_device(args.device).type == "cuda" else 256)
+    return Policy.from_percent(args.percent, gpu_batch_size=batch,
                                num_gpu_batches=args.num_gpu_batches, cpu_attention=args.cpu_attention,
                                schedule=args.schedule, overlap=not args.no_overlap,
                                pin_weight=not args.no_pin_weight, **quant_from_args(args))
