@@ -55,6 +55,12 @@ def predictions(prof: HardwareProfile, model: str, dtype: torch.dtype) -> list[f
     return [cm.predict(p).throughput for p in POLICIES]
 
 
+def assert_never_slower(better: HardwareProfile, before: list[float], model: str, dtype: torch.dtype,
+                        what: str) -> None:
+    for a, b in zip(predictions(better, model, dtype), before):
+        assert a >= b * (1 - 1e-12), what
+
+
 @pytest.mark.parametrize("make", [cpu_profile, t4_paper_profile])
 @pytest.mark.parametrize("model", MODELS)
 def test_more_bandwidth_never_predicts_slower(make, model):
@@ -65,9 +71,7 @@ def test_more_bandwidth_never_predicts_slower(make, model):
         v = getattr(prof, field)
         if v == float("inf"):
             continue
-        after = predictions(dataclasses.replace(prof, **{field: v * 2}), model, dtype)
-        for a, b in zip(after, before):
-            assert a >= b * (1 - 1e-12), field
+        assert_never_slower(dataclasses.replace(prof, **{field: v * 2}), before, model, dtype, field)
 
 
 @pytest.mark.parametrize("make", [cpu_profile, t4_paper_profile])
@@ -78,12 +82,10 @@ def test_more_compute_never_predicts_slower(make, model):
     before = predictions(prof, model, dtype)
     for which in ("compute", "host"):
         faster = dataclasses.replace(prof, **{which: scaled_rates(getattr(prof, which), 2.0)})
-        for a, b in zip(predictions(faster, model, dtype), before):
-            assert a >= b * (1 - 1e-12), which
+        assert_never_slower(faster, before, model, dtype, which)
     # less contention between compute and disk never hurts either
     calm = dataclasses.replace(prof, io_slows_compute=1.0, compute_slows_io=1.0)
-    for a, b in zip(predictions(calm, model, dtype), before):
-        assert a >= b * (1 - 1e-12)
+    assert_never_slower(calm, before, model, dtype, "contention")
 
 
 def test_disk_offload_is_predicted_slower_than_ram():

@@ -367,9 +367,9 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     else:
         codes = unpack(q.data, cfg.bits, cfg.group_size).float()
         x = torch.addcmul(q.mins.float()[..., None], codes, q.scales.float()[..., None])
-        if cfg.rotate:
-            x = hadamard(x.reshape(*x.shape[:-2], -1)[..., :shape[gd]], -1)
-    x = x.reshape(*x.shape[:-2], -1)[..., :shape[gd]] if x.dim() > len(shape) else x
+    x = x.reshape(*x.shape[:-2], -1)[..., :shape[gd]]
+    if cfg.rotate:
+        x = hadamard(x, -1)
     x = x.movedim(-1, gd).to(out)
     return x.contiguous().reshape(q.shape)
 

@@ -93,7 +93,7 @@ def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float
             shared = tied and (g, k) == ("head", "lm_head") and tier == places["embed"]["tok"] != "disk"
             out[tier] += 0 if shared else n
             streamed += n if tier != "gpu" else 0
-            dense += _nbytes(shapes[g][k], dtype) if n != _nbytes(shapes[g][k], dtype) else 0
+            dense += _nbytes(shapes[g][k], dtype) if quant and compressed(g, k, shapes[g][k], tied) else 0
         out["max_streamed_group"] = max(out["max_streamed_group"], streamed)
         out["max_dequantized_group"] = max(out["max_dequantized_group"], dense)
     return out
