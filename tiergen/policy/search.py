@@ -14,13 +14,28 @@ every tier's bytes are affine in the eight fractions (cost_model docstring), so
 is a linear program (HiGHS via scipy.optimize.linprog). Its solution is rounded
 to whole percents, re-predicted with the placement the runtime really makes
 (whole tensors, whole rows), and kept only if the runtime's own check
-(memory_plan demand through ``Tiers.check_fits``) accepts it.
+(memory_plan demand through ``Tiers.check_fits``) accepts it under the budgets
+less their reserve. A rounded solution that overshoots a budget (whole tensors
+and rows land on either side of the LP's fractions) is repaired: the LP is
+solved again with that budget lowered by the overshoot, then, failing that,
+weight, cache and activation shares are pushed down a tier.
+
+The reserve is for estimation error only, not a flat share of every budget: a
+budget the caller set exactly (``--gpu-mem 0.45GiB``) is the very number the
+runtime checks the very same bytes against, so nothing is held back from it
+(the exact check after rounding is what keeps a policy inside it); a measured
+one (free RAM, free GPU memory, free disk, and on a CPU-only machine the host
+RAM both tiers share) is measured again when the runtime starts, and moves in
+between (``MEASURED_MARGIN``). On a CPU-only box the "gpu" tier is mostly the
+fixed streamed-weight buffers, so a 10 % reserve of it left room for 2-row
+micro-batches only (BENCHMARKS.md §5).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -35,7 +50,15 @@ from .profile import HardwareProfile
 BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NUM_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16)
 NEAR = 0.98     # predictions closer than this to the best are a tie
-MARGIN = 0.10   # of every budget, for allocator slack, Python objects and what we did not model
+IO_DOUBT = 2.0  # ties are broken by the prediction with I/O this many times slower than profiled
+# Share of a budget kept free, by how well the search knows it (module docstring).
+EXACT_MARGIN = 0.0      # set by the caller: the runtime checks the same bytes against the same number
+# Measured (free memory, free disk, the shared host RAM): measured again when the runtime
+# starts. Under BENCHMARKS.md §5's 2 GiB cgroup the host limit fell by 70 MiB of 1.75 GiB
+# between the search and the LLM (imports, page cache charged to the cgroup).
+MEASURED_MARGIN = 0.06
+CONSTRAINTS = ("gpu", "cpu", "disk", "host")   # host: gpu + cpu on a CPU-only machine
+MARGIN = MEASURED_MARGIN   # the default for every budget when the caller does not say which are exact
 
 
 class NoFeasiblePolicyError(TiergenError):
@@ -82,13 +105,47 @@ def fits(tiers, cm: CostModel, policy: Policy) -> bool:
         return False
 
 
+def margins_for(margin: float | Mapping[str, float]) -> dict[str, float]:
+    """A reserve per constraint (gpu, cpu, disk, host) from one number or a partial mapping."""
+    if isinstance(margin, Mapping):
+        return {c: float(margin.get(c, MEASURED_MARGIN)) for c in CONSTRAINTS}
+    return {c: float(margin) for c in CONSTRAINTS}
+
+
+def reserved(tiers, margin: float | Mapping[str, float]):  # -> Tiers
+    """A copy of ``tiers`` whose free bytes are cut by each constraint's reserve: a policy
+    that passes its check_fits passes the runtime's own with that much to spare."""
+    from ..tiers import Tier
+    m = margins_for(margin)
+    out = copy.copy(tiers)
+    for name in ("gpu", "cpu", "disk"):
+        t = tiers[name]
+        keep = int(m[name] * max(0, t.budget - t.current))
+        setattr(out, name, Tier(name, t.budget - keep, t.current))
+    if tiers.shared_host:
+        free = tiers.host_limit - tiers.gpu.current - tiers.cpu.current
+        out.host_limit = tiers.host_limit - int(m["host"] * max(0, free))
+    return out
+
+
+def overshoot(tiers, cm: CostModel, policy: Policy) -> dict[str, int]:
+    """Bytes by which the policy's demand exceeds each constraint of ``tiers`` (none: it fits)."""
+    d = {t: sum(v.values()) for t, v in demand(cm, policy).items()}
+    over = {t: d.get(t, 0) - (tiers[t].budget - tiers[t].current) for t in ("gpu", "cpu", "disk")}
+    if tiers.shared_host:
+        over["host"] = d.get("gpu", 0) + d.get("cpu", 0) - (tiers.host_limit - tiers.gpu.current
+                                                             - tiers.cpu.current)
+    return {t: n for t, n in over.items() if n > 0}
+
+
 def _row(a: Affine) -> tuple[np.ndarray, float]:
     return np.array([a.coef.get(v, 0.0) for v in VARS] + [0.0, 0.0]), a.const
 
 
 def solve_lp(cm: CostModel, policy: Policy, budgets: dict[str, float], shared_host: float | None,
-             margin: float = MARGIN) -> dict[str, float] | None:
-    """Best fractions for this block shape and flags, or None if nothing fits."""
+             margin: float = 0.0) -> dict[str, float] | None:
+    """Best fractions for this block shape and flags, or None if nothing fits the budgets
+    (bytes free per tier; ``shared_host``: free host RAM both tiers share) less ``margin``."""
     from scipy.optimize import linprog
     L, P, G = cm.cfg.num_layers, cm.wl.prompt_len, cm.wl.gen_len
     n = len(VARS) + 2          # fractions, T_pre, T_dec
@@ -137,26 +194,100 @@ def to_policy(base: Policy, x: dict[str, float]) -> Policy:
                    act_gpu_percent=ag, act_cpu_percent=100.0 - ag)
 
 
-def _repairs(p: Policy) -> Iterable[Policy]:
-    """The rounded policy, then ones with ever more weight and cache pushed down a tier
-    (rounding and whole-tensor placement can overshoot a budget the LP respected)."""
-    yield p
-    for step in (5, 10, 20, 35, 50):
-        wg, wc = max(0.0, p.w_gpu_percent - step), p.w_cpu_percent
-        wc = max(0.0, min(100 - wg, wc + min(step, p.w_gpu_percent)) - step)
-        cg, cc = max(0.0, p.cache_gpu_percent - step), max(0.0, p.cache_cpu_percent - step)
-        yield replace(p, w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
+def _push_down(g: float, c: float, step: float, over: set[str]) -> tuple[float, float]:
+    """Shares (gpu, cpu) with ``step`` points moved from each over-budget tier to the next one down."""
+    if "gpu" in over or "host" in over:
+        moved = min(step, g)
+        g, c = g - moved, c + moved
+    if "cpu" in over or "host" in over:
+        c = max(0.0, c - step)
+    return g, min(c, 100.0 - g)
+
+
+def _repairs(p: Policy, over: set[str]) -> Iterable[Policy]:
+    """Policies with ever more weight, cache and activation shares pushed from the tiers
+    that overshoot to the next tier down (rounding and whole-tensor placement can
+    overshoot a budget the LP respected)."""
+    for step in (2, 5, 10, 20, 35, 50, 100):
+        wg, wc = _push_down(p.w_gpu_percent, p.w_cpu_percent, step, over)
+        cg, cc = _push_down(p.cache_gpu_percent, p.cache_cpu_percent, step, over)
+        ag = p.act_gpu_percent
+        if "gpu" in over:
+            ag = max(0.0, ag - step)     # activations have no disk share: gpu -> cpu only
+        yield replace(p, w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc,
+                      act_gpu_percent=ag, act_cpu_percent=100.0 - ag)
+
+
+LP_RETRIES = 4
+
+
+def fit_block(cm: CostModel, pol: Policy, rt, log: Callable[[str], None] | None = None) -> Policy | None:
+    """The LP's policy for this block shape and flags, rounded to what the runtime places
+    and checked (``rt``: the tiers less their reserve) exactly; repaired if it overshoots."""
+    budgets = {t: float(rt[t].budget - rt[t].current) for t in ("gpu", "cpu", "disk")}
+    shared = float(rt.host_limit - rt.gpu.current - rt.cpu.current) if rt.shared_host else None
+    cand = None
+    for _ in range(LP_RETRIES):
+        x = solve_lp(cm, pol, budgets, shared)
+        if x is None:
+            break
+        cand = to_policy(pol, x)
+        over = overshoot(rt, cm, cand)
+        if not over:
+            return cand
+        # whole tensors / rows landed above the LP's fractions: ask again for that much less
+        for t, n in over.items():
+            if t == "host":
+                shared -= n
+            else:
+                budgets[t] -= n
+    if cand is None:
+        return None
+    over = set(overshoot(rt, cm, cand))
+    for rep in _repairs(cand, over):
+        if fits(rt, cm, rep):
+            return rep
+    if log:
+        log(f"{pol.gpu_batch_size}x{pol.num_gpu_batches}: rounded LP policy {cand.percent} over {sorted(over)}; dropped")
+    return None
+
+
+def slow_io(profile: HardwareProfile, k: float = IO_DOUBT) -> HardwareProfile:
+    """The profile with every disk and host<->device rate divided by ``k``."""
+    names = ("disk_read_Bps", "disk_write_Bps", "h2d_pinned_Bps", "h2d_pageable_Bps", "d2h_pinned_Bps",
+             "d2h_pageable_Bps")
+    return replace(profile, **{n: getattr(profile, n) / k for n in names})
+
+
+def _pick(found: list[Plan], doubt: CostModel) -> Plan:
+    """Among policies predicted within NEAR of the fastest, the one that stays fastest if
+    I/O runs IO_DOUBT times slower than profiled (the model's largest errors are
+    disk-heavy decode: BENCHMARKS.md §5), then the smallest block: less memory and
+    latency for a gain the model cannot promise."""
+    top = max(p.prediction.throughput for p in found)
+    near = [p for p in found if p.prediction.throughput >= NEAR * top]
+    if len(near) == 1:
+        return near[0]
+    slow = {id(p): doubt.predict(p.policy).throughput for p in near}
+    top_slow = max(slow.values())
+    return min((p for p in near if slow[id(p)] >= NEAR * top_slow),
+               key=lambda p: (p.policy.block_size, -p.prediction.throughput))
 
 
 def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workload: Workload, tiers, *,
-           margin: float = MARGIN, batch_sizes: Iterable[int] = BATCH_SIZES,
+           margin: float | Mapping[str, float] = MARGIN, batch_sizes: Iterable[int] = BATCH_SIZES,
            num_batches: Iterable[int] = NUM_BATCHES, max_block: int | None = None,
            compress: bool = False, base: Policy | None = None,
+           accept: Callable[[Policy], bool] | None = None,
            log: Callable[[str], None] | None = None) -> Plan:
-    """The predicted-fastest policy that the runtime accepts under ``tiers``' budgets."""
+    """The predicted-fastest policy that the runtime accepts under ``tiers``' budgets.
+
+    ``margin``: the share of each budget kept free (one number, or per constraint
+    "gpu", "cpu", "disk", "host"; unnamed ones get MEASURED_MARGIN). ``accept``: a
+    further condition every returned policy must meet."""
     cm = CostModel(cfg, dtype, profile, workload)
-    budgets = {t: float(tiers[t].budget - tiers[t].current) for t in ("gpu", "cpu", "disk")}
-    shared = float(tiers.host_limit - tiers.gpu.current - tiers.cpu.current) if tiers.shared_host else None
+    rt = reserved(tiers, margin)
+    budgets = {t: float(rt[t].budget - rt[t].current) for t in ("gpu", "cpu", "disk")}
     base = base or Policy()
     flag_sets = [{}]
     if profile.device == "cuda":
@@ -173,24 +304,17 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
                 if max_block and b * K > max_block:
                     continue
                 pol = replace(base, gpu_batch_size=b, num_gpu_batches=K, **flags)
-                x = solve_lp(cm, pol, budgets, shared, margin)
                 tried += 1
-                if x is None:
+                cand = fit_block(cm, pol, rt, log)
+                if cand is None or (accept is not None and not accept(cand)):
                     continue
-                for cand in _repairs(to_policy(pol, x)):
-                    if fits(tiers, cm, cand):
-                        feasible += 1
-                        pred = cm.predict(cand)
-                        if log:
-                            log(f"{b}x{K} {flags} -> {cand.percent} {pred.throughput:.3f} tok/s")
-                        found.append(Plan(cand, pred, 0, 0))
-                        break
+                feasible += 1
+                pred = cm.predict(cand)
+                if log:
+                    log(f"{b}x{K} {flags} -> {cand.percent} {pred.throughput:.3f} tok/s")
+                found.append(Plan(cand, pred, 0, 0))
     if found:
-        # Among policies within NEAR of the fastest, the smallest block: less memory and
-        # latency for a gain the model cannot promise.
-        top = max(p.prediction.throughput for p in found)
-        best = min((p for p in found if p.prediction.throughput >= NEAR * top),
-                   key=lambda p: (p.policy.block_size, -p.prediction.throughput))
+        best = _pick(found, CostModel(cfg, dtype, slow_io(profile), workload))
     if best is None:
         raise NoFeasiblePolicyError(
             f"no policy fits the budgets (gpu {budgets['gpu']:.3g} B, cpu {budgets['cpu']:.3g} B, "
@@ -209,7 +333,8 @@ AUTO_MAX_BLOCK = 256
 
 def auto_policy(cfg: ModelConfig, dtype: torch.dtype, tiers, workload: Workload | None = None,
                 profile: HardwareProfile | None = None, max_block: int | None = AUTO_MAX_BLOCK,
-                base: Policy | None = None) -> Plan:
+                base: Policy | None = None, margin: float | Mapping[str, float] = MARGIN,
+                accept: Callable[[Policy], bool] | None = None) -> Plan:
     """policy="auto": the search on this machine's cached profile under ``tiers``' budgets."""
     from .profile import cached_profile
     wl = workload or AUTO_WORKLOAD
@@ -217,7 +342,15 @@ def auto_policy(cfg: ModelConfig, dtype: torch.dtype, tiers, workload: Workload 
     if wl.prompt_len + wl.gen_len > ctx:
         wl = Workload(max(1, ctx - wl.gen_len), min(wl.gen_len, ctx - 1))
     prof = profile or cached_profile(device=tiers.device.type)
-    return search(cfg, dtype, prof, wl, tiers, max_block=max_block, base=base)
+    return search(cfg, dtype, prof, wl, tiers, max_block=max_block, base=base, margin=margin, accept=accept)
+
+
+def auto_margins(gpu_mem, cpu_mem, disk) -> dict[str, float]:
+    """Budgets the caller set are exact; the others, and the shared host RAM, are measured."""
+    return {"gpu": EXACT_MARGIN if gpu_mem is not None else MEASURED_MARGIN,
+            "cpu": EXACT_MARGIN if cpu_mem is not None else MEASURED_MARGIN,
+            "disk": EXACT_MARGIN if disk is not None else MEASURED_MARGIN,
+            "host": MEASURED_MARGIN}
 
 
 def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: bool = False, seed: int = 0,
@@ -225,15 +358,40 @@ def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: boo
                  workload: Workload | None = None, base: Policy | None = None,
                  max_block: int | None = AUTO_MAX_BLOCK) -> Policy:
     """What LLM(model, policy="auto", ...) runs: the model's shape, the same budgets the
-    LLM will hold, this machine's profile."""
+    LLM will hold, this machine's profile.
+
+    The dtype is the one the LLM will run: with none given it tries float32 on a CPU
+    and falls back to bfloat16 when float32's weights do not fit (LLM.__init__), so
+    when no float32 policy fits, the plan is a bfloat16 one for which that fallback
+    surely happens (its float32 weights do not fit)."""
     from ..errors import InvalidRequestError
     from ..llm import resolve_device, resolve_dtype
+    from ..memory_plan import weight_demand
     from ..tiers import Tiers, parse_bytes
     from ..weights.source import resolve
     if policy != "auto":
         raise InvalidRequestError(f"policy must be a tiergen.Policy or 'auto', got {policy!r}")
+    import scipy.optimize  # noqa: F401  (the LP's libraries: in the RAM measured free here, as in the LLM's)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cfg = resolve(model, dummy=dummy, seed=seed).config
-    tiers = Tiers(dev, parse_bytes(gpu_mem), parse_bytes(cpu_mem), parse_bytes(disk), offload_dir)
-    return auto_policy(cfg, dt, tiers, workload, max_block=max_block, base=base).policy
+    budgets = [parse_bytes(x) for x in (gpu_mem, cpu_mem, disk)]
+    tiers = Tiers(dev, *budgets, offload_dir)
+    margin = auto_margins(*budgets)
+    try:
+        return auto_policy(cfg, dt, tiers, workload, max_block=max_block, base=base, margin=margin).policy
+    except NoFeasiblePolicyError:
+        if dtype not in (None, "auto") or dt != torch.float32:
+            raise
+    # LLM's own fallback: bfloat16, taken when float32's weights do not fit
+    from ..models import get_model
+    model_ = get_model(cfg)
+
+    def falls_back(p: Policy) -> bool:
+        try:
+            tiers.check_fits(weight_demand(model_, torch.float32, p, dev))
+            return False
+        except PolicyDoesNotFitError:
+            return True
+    return auto_policy(cfg, torch.bfloat16, tiers, workload, max_block=max_block, base=base, margin=margin,
+                       accept=falls_back).policy
