@@ -57,6 +57,12 @@ EXACT_MARGIN = 0.0      # set by the caller: the runtime checks the same bytes a
 # starts. Under BENCHMARKS.md §5's 2 GiB cgroup the host limit fell by 70 MiB of 1.75 GiB
 # between the search and the LLM (imports, page cache charged to the cgroup).
 MEASURED_MARGIN = 0.06
+# On a CPU-only machine the host RAM both tiers share must also hold what the runtime does
+# not account: taken as this many more copies of a block's compute scratch. Calibrated on
+# §5's capped runs: 96-row micro-batches (144 MiB scratch) peaked ~570 MiB above the
+# accounted bytes plus the process itself; an auto run that left 6 % of the host free at
+# 32 rows (48 MiB) was OOM-killed 130 MiB past it.
+UNACCOUNTED_SCRATCH = 3.0
 CONSTRAINTS = ("gpu", "cpu", "disk", "host")   # host: gpu + cpu on a CPU-only machine
 MARGIN = MEASURED_MARGIN   # the default for every budget when the caller does not say which are exact
 
@@ -128,13 +134,24 @@ def reserved(tiers, margin: float | Mapping[str, float]):  # -> Tiers
     return out
 
 
+def unaccounted(cm: CostModel, policy: Policy) -> int:
+    """Host RAM a block uses beyond what the runtime accounts: a forward pass's transients
+    are accounted once ("compute scratch"), but several are alive at a time and the
+    allocator keeps what they freed. Counted against the shared host RAM only (it is no
+    budget the runtime checks, but the RAM a cgroup or the OOM killer does)."""
+    b = block_demand(cm.cfg, cm.dtype, policy, cm.device, policy.gpu_batch_size, policy.num_gpu_batches,
+                     cm.wl.prompt_len, cm.wl.gen_len)
+    return int(UNACCOUNTED_SCRATCH * b["gpu"]["compute scratch"])
+
+
 def overshoot(tiers, cm: CostModel, policy: Policy) -> dict[str, int]:
-    """Bytes by which the policy's demand exceeds each constraint of ``tiers`` (none: it fits)."""
+    """Bytes by which the policy's demand exceeds each constraint of ``tiers`` (none: it
+    fits), the shared host RAM with what the runtime does not account (``unaccounted``)."""
     d = {t: sum(v.values()) for t, v in demand(cm, policy).items()}
     over = {t: d.get(t, 0) - (tiers[t].budget - tiers[t].current) for t in ("gpu", "cpu", "disk")}
     if tiers.shared_host:
-        over["host"] = d.get("gpu", 0) + d.get("cpu", 0) - (tiers.host_limit - tiers.gpu.current
-                                                             - tiers.cpu.current)
+        over["host"] = d.get("gpu", 0) + d.get("cpu", 0) + unaccounted(cm, policy) - \
+            (tiers.host_limit - tiers.gpu.current - tiers.cpu.current)
     return {t: n for t, n in over.items() if n > 0}
 
 
@@ -225,7 +242,8 @@ def fit_block(cm: CostModel, pol: Policy, rt, log: Callable[[str], None] | None 
     """The LP's policy for this block shape and flags, rounded to what the runtime places
     and checked (``rt``: the tiers less their reserve) exactly; repaired if it overshoots."""
     budgets = {t: float(rt[t].budget - rt[t].current) for t in ("gpu", "cpu", "disk")}
-    shared = float(rt.host_limit - rt.gpu.current - rt.cpu.current) if rt.shared_host else None
+    shared = float(rt.host_limit - rt.gpu.current - rt.cpu.current - unaccounted(cm, pol)) \
+        if rt.shared_host else None
     cand = None
     for _ in range(LP_RETRIES):
         x = solve_lp(cm, pol, budgets, shared)
@@ -245,7 +263,7 @@ def fit_block(cm: CostModel, pol: Policy, rt, log: Callable[[str], None] | None 
         return None
     over = set(overshoot(rt, cm, cand))
     for rep in _repairs(cand, over):
-        if fits(rt, cm, rep):
+        if not overshoot(rt, cm, rep):
             return rep
     if log:
         log(f"{pol.gpu_batch_size}x{pol.num_gpu_batches}: rounded LP policy {cand.percent} over {sorted(over)}; dropped")
