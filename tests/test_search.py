@@ -72,7 +72,7 @@ def test_llm_policy_auto(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- reserves and repair (issue 5)
 
 from tiergen.memory_plan import block_demand, weight_demand  # noqa: E402
-from tiergen.policy.search import (EXACT_MARGIN, MEASURED_MARGIN, auto_margins, fit_block, fits,  # noqa: E402
+from tiergen.policy.search import (EXACT_MARGIN, HOST_MARGIN, MEASURED_MARGIN, auto_margins, fit_block, fits,  # noqa: E402
                                    reserved)
 from tiergen.tiers import Tiers  # noqa: E402
 
@@ -102,8 +102,8 @@ def test_reserve_is_for_measured_budgets_only():
     r = reserved(t, auto_margins(450 * MiB, None, None))      # gpu given, cpu and disk measured
     assert r.gpu.budget == t.gpu.budget and EXACT_MARGIN == 0.0
     assert r.cpu.budget == t.cpu.budget - int(MEASURED_MARGIN * t.cpu.budget)
-    assert r.host_limit == t.host_limit - int(MEASURED_MARGIN * t.host_limit)   # always measured
-    assert 0 < MEASURED_MARGIN < 0.1
+    assert r.host_limit == t.host_limit - int(HOST_MARGIN * t.host_limit)   # measured, and unaccounted RAM
+    assert 0 < MEASURED_MARGIN < 0.1 and MEASURED_MARGIN <= HOST_MARGIN
 
 
 def test_auto_under_a_tight_explicit_compute_budget_is_not_degenerate():

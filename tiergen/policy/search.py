@@ -28,7 +28,13 @@ one (free RAM, free GPU memory, free disk, and on a CPU-only machine the host
 RAM both tiers share) is measured again when the runtime starts, and moves in
 between (``MEASURED_MARGIN``). On a CPU-only box the "gpu" tier is mostly the
 fixed streamed-weight buffers, so a 10 % reserve of it left room for 2-row
-micro-batches only (BENCHMARKS.md §5).
+micro-batches only (BENCHMARKS.md §5). The host RAM also has to hold what the
+runtime does not account at all (a forward pass's transients, what the
+allocator keeps of them): ``HOST_MARGIN``.
+
+Among policies predicted within NEAR of the fastest, the search takes the one
+that stays fastest if I/O is IO_DOUBT times slower than profiled (the model's
+largest errors), then the smallest block.
 """
 from __future__ import annotations
 
@@ -58,13 +64,14 @@ EXACT_MARGIN = 0.0      # set by the caller: the runtime checks the same bytes a
 # between the search and the LLM (imports, page cache charged to the cgroup).
 MEASURED_MARGIN = 0.06
 # On a CPU-only machine the host RAM both tiers share must also hold what the runtime does
-# not account: taken as this many more copies of a block's compute scratch. Calibrated on
-# §5's capped runs: 96-row micro-batches (144 MiB scratch) peaked ~570 MiB above the
-# accounted bytes plus the process itself; an auto run that left 6 % of the host free at
-# 32 rows (48 MiB) was OOM-killed 130 MiB past it.
-UNACCOUNTED_SCRATCH = 3.0
+# not account (a forward pass's transients, what the allocator keeps of them, Python
+# objects). Under §5's 2 GiB cap that was 0.4-0.5 GiB beyond the accounted bytes and the
+# process itself, whatever the block: a run with 1.1 GiB accounted peaked at 1.9 GiB, and
+# two auto runs that filled the host to a 6 % reserve (1.35-1.45 GiB) were OOM-killed.
+HOST_MARGIN = 0.30
 CONSTRAINTS = ("gpu", "cpu", "disk", "host")   # host: gpu + cpu on a CPU-only machine
-MARGIN = MEASURED_MARGIN   # the default for every budget when the caller does not say which are exact
+MARGIN = {"gpu": MEASURED_MARGIN, "cpu": MEASURED_MARGIN, "disk": MEASURED_MARGIN, "host": HOST_MARGIN}
+# (the default when the caller does not say which budgets are exact)
 
 
 class NoFeasiblePolicyError(TiergenError):
@@ -112,9 +119,10 @@ def fits(tiers, cm: CostModel, policy: Policy) -> bool:
 
 
 def margins_for(margin: float | Mapping[str, float]) -> dict[str, float]:
-    """A reserve per constraint (gpu, cpu, disk, host) from one number or a partial mapping."""
+    """A reserve per constraint (gpu, cpu, disk, host) from one number or a partial mapping
+    (unnamed: MEASURED_MARGIN, the host HOST_MARGIN)."""
     if isinstance(margin, Mapping):
-        return {c: float(margin.get(c, MEASURED_MARGIN)) for c in CONSTRAINTS}
+        return {c: float(margin.get(c, HOST_MARGIN if c == "host" else MEASURED_MARGIN)) for c in CONSTRAINTS}
     return {c: float(margin) for c in CONSTRAINTS}
 
 
@@ -134,24 +142,13 @@ def reserved(tiers, margin: float | Mapping[str, float]):  # -> Tiers
     return out
 
 
-def unaccounted(cm: CostModel, policy: Policy) -> int:
-    """Host RAM a block uses beyond what the runtime accounts: a forward pass's transients
-    are accounted once ("compute scratch"), but several are alive at a time and the
-    allocator keeps what they freed. Counted against the shared host RAM only (it is no
-    budget the runtime checks, but the RAM a cgroup or the OOM killer does)."""
-    b = block_demand(cm.cfg, cm.dtype, policy, cm.device, policy.gpu_batch_size, policy.num_gpu_batches,
-                     cm.wl.prompt_len, cm.wl.gen_len)
-    return int(UNACCOUNTED_SCRATCH * b["gpu"]["compute scratch"])
-
-
 def overshoot(tiers, cm: CostModel, policy: Policy) -> dict[str, int]:
-    """Bytes by which the policy's demand exceeds each constraint of ``tiers`` (none: it
-    fits), the shared host RAM with what the runtime does not account (``unaccounted``)."""
+    """Bytes by which the policy's demand exceeds each constraint of ``tiers`` (none: it fits)."""
     d = {t: sum(v.values()) for t, v in demand(cm, policy).items()}
     over = {t: d.get(t, 0) - (tiers[t].budget - tiers[t].current) for t in ("gpu", "cpu", "disk")}
     if tiers.shared_host:
-        over["host"] = d.get("gpu", 0) + d.get("cpu", 0) + unaccounted(cm, policy) - \
-            (tiers.host_limit - tiers.gpu.current - tiers.cpu.current)
+        over["host"] = d.get("gpu", 0) + d.get("cpu", 0) - (tiers.host_limit - tiers.gpu.current
+                                                             - tiers.cpu.current)
     return {t: n for t, n in over.items() if n > 0}
 
 
@@ -242,8 +239,7 @@ def fit_block(cm: CostModel, pol: Policy, rt, log: Callable[[str], None] | None 
     """The LP's policy for this block shape and flags, rounded to what the runtime places
     and checked (``rt``: the tiers less their reserve) exactly; repaired if it overshoots."""
     budgets = {t: float(rt[t].budget - rt[t].current) for t in ("gpu", "cpu", "disk")}
-    shared = float(rt.host_limit - rt.gpu.current - rt.cpu.current - unaccounted(cm, pol)) \
-        if rt.shared_host else None
+    shared = float(rt.host_limit - rt.gpu.current - rt.cpu.current) if rt.shared_host else None
     cand = None
     for _ in range(LP_RETRIES):
         x = solve_lp(cm, pol, budgets, shared)
@@ -301,7 +297,7 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
     """The predicted-fastest policy that the runtime accepts under ``tiers``' budgets.
 
     ``margin``: the share of each budget kept free (one number, or per constraint
-    "gpu", "cpu", "disk", "host"; unnamed ones get MEASURED_MARGIN). ``accept``: a
+    "gpu", "cpu", "disk", "host"; unnamed ones as in margins_for). ``accept``: a
     further condition every returned policy must meet."""
     cm = CostModel(cfg, dtype, profile, workload)
     rt = reserved(tiers, margin)
@@ -368,7 +364,7 @@ def auto_margins(gpu_mem, cpu_mem, disk) -> dict[str, float]:
     return {"gpu": EXACT_MARGIN if gpu_mem is not None else MEASURED_MARGIN,
             "cpu": EXACT_MARGIN if cpu_mem is not None else MEASURED_MARGIN,
             "disk": EXACT_MARGIN if disk is not None else MEASURED_MARGIN,
-            "host": MEASURED_MARGIN}
+            "host": HOST_MARGIN}
 
 
 def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: bool = False, seed: int = 0,
