@@ -60,7 +60,8 @@ def run_bench(llm: LLM, prompt_len: int, gen_len: int, num_prompts: int | None =
     gen_tokens = sum(len(o.token_ids) for o in outs)
     rep = llm.memory_report()
     return {
-        "model": llm.config.name, "dtype": str(llm.dtype).replace("torch.", ""), "device": str(llm.device),
+        "model": llm.config.name, "dtype": str(llm.dtype).replace("torch.", ""),
+        "offload_dtype": str(llm.store_dtype).replace("torch.", ""), "device": str(llm.device),
         "policy": llm.policy.to_dict(), "prompt_len": prompt_len, "gen_len": gen_len, "num_prompts": n,
         "prefill_s": prefill_s, "decode_s": decode_s, "total_s": total_s, "gen_tokens": gen_tokens,
         "prefill_tok_s": n * prompt_len / prefill_s,

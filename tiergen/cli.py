@@ -25,7 +25,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default="smollm2-135m",
                    help="known name, HF model dir, .gguf file or cached Hub id (default: the embedded smollm2-135m)")
     g.add_argument("--dummy", action="store_true", help="random weights of the model's shape")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bfloat16)")
+    g.add_argument("--dtype", default=None,
+                   help="compute dtype: float32 | bfloat16 | float16 (default float32 on a CPU, bfloat16 on a GPU)")
+    g.add_argument("--offload-dtype", default=None,
+                   help="dtype of weights homed on the host or disk (default: the checkpoint's, if narrower)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     pol = p.add_argument_group("policy and budgets")
     pol.add_argument("--gpu-batch-size", "--batch-size", type=int, default=None, dest="gpu_batch_size",
@@ -86,7 +89,7 @@ def load_llm(args: argparse.Namespace):  # -> LLM
         raise TiergenError(f"bad memory size: {e}") from None
     return LLM(args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
                policy=auto_from_args(args) if getattr(args, "policy", None) == "auto" else policy_from_args(args),
-               offload_dir=args.offload_dir,
+               offload_dir=args.offload_dir, offload_dtype=args.offload_dtype,
                gpu_mem=budgets[0], cpu_mem=budgets[1], disk=budgets[2])
 
 
@@ -104,7 +107,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(r))
         return 0
     pol = r["policy"]
-    print(f"model {r['model']} ({r['dtype']}, {r['device']}), {r['num_prompts']} prompts x "
+    stored = f", offloaded weights {r['offload_dtype']}" if r["offload_dtype"] != r["dtype"] else ""
+    print(f"model {r['model']} ({r['dtype']}{stored}, {r['device']}), {r['num_prompts']} prompts x "
           f"{r['prompt_len']} tokens, {r['gen_len']} new tokens each")
     print(f"policy {pol['gpu_batch_size']}x{pol['num_gpu_batches']} percent "
           f"{' '.join(f'{x:g}' for x in llm.policy.percent)} schedule {pol['schedule']} "

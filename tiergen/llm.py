@@ -52,6 +52,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_store_dtype(offload_dtype: str | torch.dtype | None, checkpoint: torch.dtype | None,
+                        dtype: torch.dtype) -> torch.dtype:
+    """Precision of weights homed off the compute device. By default a checkpoint's own
+    narrower dtype (a bfloat16 model computed in float32): offloaded bytes stay as small
+    as the file's, and the compute device casts them once per block."""
+    if offload_dtype is None or offload_dtype == "auto":
+        if checkpoint is not None and checkpoint.is_floating_point and checkpoint.itemsize < dtype.itemsize:
+            return checkpoint
+        return dtype
+    dt = offload_dtype if isinstance(offload_dtype, torch.dtype) else DTYPES.get(offload_dtype)
+    if dt is None:
+        raise InvalidRequestError(f"unsupported offload dtype {offload_dtype!r} (use float32, bfloat16 or float16)")
+    return dt
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         # CPUs without AMX multiply float32 faster than bfloat16 through torch (measured
@@ -79,6 +94,8 @@ class LLM:
     micro-batches of ``batch_size``); ``gpu_mem`` / ``cpu_mem`` / ``disk`` are the
     tiers' byte budgets (default: what the machine has free). ``batch_size`` defaults
     to 256 on a CPU, where bigger matmuls run much closer to its peak, and 32 on a GPU.
+    ``offload_dtype`` is the precision of weights homed on the host or disk (default:
+    the checkpoint's, when narrower than ``dtype``); they are cast once per block.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
@@ -86,7 +103,8 @@ class LLM:
                  policy: Policy | str | None = None, batch_size: int | None = None, num_micro_batches: int = 1,
                  schedule: str = "zigzag", offload_dir: str | None = None,
                  gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
-                 disk: int | str | None = None, io_threads: int = 4):
+                 disk: int | str | None = None, io_threads: int = 4,
+                 offload_dtype: str | torch.dtype | None = None):
         if isinstance(policy, str):
             # "auto": the cost model's pick for this model under these budgets (tiergen.policy.search)
             from .policy.search import resolve_auto
@@ -108,13 +126,15 @@ class LLM:
         self.tiers = Tiers(self.device, parse_bytes(gpu_mem), parse_bytes(cpu_mem), parse_bytes(disk),
                            offload_dir)
         # Refuse a policy that cannot fit before a single weight is read.
+        self.store_dtype = resolve_store_dtype(offload_dtype, source.dtype, self.dtype)
         try:
-            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device))
+            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device, self.store_dtype))
         except PolicyDoesNotFitError:
             if dtype not in (None, "auto") or self.dtype != torch.float32:
                 raise
             self.dtype = torch.bfloat16   # the automatic float32 choice must not cost a fit
-            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device))
+            self.store_dtype = resolve_store_dtype(offload_dtype, source.dtype, self.dtype)
+            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device, self.store_dtype))
         needs_disk = policy.w_gpu_percent + policy.w_cpu_percent < 100 or \
             policy.cache_gpu_percent + policy.cache_cpu_percent < 100
         self.offload = OffloadDir(offload_dir) if needs_disk else None
@@ -125,7 +145,8 @@ class LLM:
         try:
             self.weights = TieredWeights(source, self.model, self.dtype, self.device, policy.shares("w"),
                                          self.tiers, self.offload, self.io, mover, pin=policy.pin_weight,
-                                         quant=policy.weight_quant if policy.compress_weight else None)
+                                         quant=policy.weight_quant if policy.compress_weight else None,
+                                         store=self.store_dtype)
             self.tokenizer = source.tokenizer()
         except BaseException:
             self.close()

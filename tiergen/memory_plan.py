@@ -21,10 +21,10 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def weight_demand(model: Model, dtype: torch.dtype, policy: Policy,
-                  device: torch.device) -> dict[str, dict[str, int]]:
+def weight_demand(model: Model, dtype: torch.dtype, policy: Policy, device: torch.device,
+                  store: torch.dtype | None = None) -> dict[str, dict[str, int]]:
     quant = policy.weight_quant if policy.compress_weight else None
-    placed = placement_bytes(model, dtype, policy.shares("w"), quant)
+    placed = placement_bytes(model, dtype, policy.shares("w"), quant, store)
     in_flight = placed["max_streamed_group"] * (2 if policy.overlap else 1)
     demand = {"gpu": {"weights": placed["gpu"], "streamed weight buffers": in_flight,
                       "dequantized weights": placed["max_dequantized_group"]},

@@ -46,3 +46,21 @@ def iter_safetensors(paths: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def checkpoint_dtype(paths: list[str]) -> torch.dtype | None:
+    """The floating-point dtype most of a checkpoint's matrices are stored in (header only)."""
+    counts: dict[torch.dtype, int] = {}
+    try:
+        with safe_open(paths[0], framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                dt = _ST_DTYPES.get(sl.get_dtype())
+                if dt is not None and len(sl.get_shape()) == 2:
+                    counts[dt] = counts.get(dt, 0) + 1
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{paths[0]}: corrupt or truncated safetensors file ({e})") from None
+    return max(counts, key=counts.get) if counts else None

@@ -35,6 +35,7 @@ class ModelSource:
     tensors: TensorIter
     tokenizer: Callable[[], Any]       # -> PreTrainedTokenizerBase | None
     description: str
+    dtype: torch.dtype | None = None   # the checkpoint's floating-point dtype, where it has one
 
 
 def embedded_model_path() -> str:
@@ -74,7 +75,7 @@ def gguf_source(path: str, name: str = "") -> ModelSource:
 
 
 def hf_dir_source(path: str, name: str = "") -> ModelSource:
-    from .hf import iter_safetensors, safetensors_files
+    from .hf import checkpoint_dtype, iter_safetensors, safetensors_files
 
     cfg = ModelConfig.from_hf(path, name=name or os.path.basename(os.path.normpath(path)))
     files = safetensors_files(path)
@@ -83,6 +84,7 @@ def hf_dir_source(path: str, name: str = "") -> ModelSource:
         tensors=lambda model, dtype: _map_names(iter_safetensors(files), model, dtype),
         tokenizer=lambda: _hf_tokenizer(path),
         description=f"safetensors {path}",
+        dtype=checkpoint_dtype(files),
     )
 
 

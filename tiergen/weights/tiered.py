@@ -5,12 +5,17 @@ tensors are taken in order and a tensor goes to the tier in which the midpoint
 of its byte range falls. Disk-homed tensors of a group are packed into one file
 at 4 KiB-aligned offsets, so fetching them is one large direct read.
 
-With a weight ``QuantConfig``, every 2-D matrix of the layers and an untied
-lm_head is quantized while loading, tensor by tensor, and kept as a blob
+With a weight ``QuantConfig``, every 2-D matrix of the layers and the lm_head
+(unless it is tied and shares the token embedding's storage on a tier other
+than disk) is quantized while loading, tensor by tensor, and kept as a blob
 (``quant.to_blob``) on its tier: it is placed, stored, read and moved
 compressed, and dequantized on the compute device when ``group`` first asks
 for it -- once per block, however many micro-batches use it. Embedding tables
-(and a tied lm_head, which is the token embedding), norms and biases stay dense.
+(and a tied lm_head that shares them), norms and biases stay dense.
+
+Weights homed off the compute tier may be kept at a narrower ``store`` dtype than
+the compute dtype (a bfloat16 checkpoint run in float32 on a CPU): they cross the
+slow links at their own size and are cast once per block, like a dequantize.
 """
 from __future__ import annotations
 
@@ -36,18 +41,31 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def compressed(g: str | int, key: str, shape: tuple[int, ...], tied: bool) -> bool:
-    """Which weights a weight QuantConfig applies to: layer matrices and an untied lm_head."""
+def compressed(g: str | int, key: str, shape: tuple[int, ...], shared_head: bool) -> bool:
+    """Which weights a weight QuantConfig applies to: layer matrices and an lm_head that does
+    not share the token embedding's storage (``shared_head``)."""
     if len(shape) != 2 or g == "embed":
         return False
-    return not (tied and key == "lm_head")
+    return not (shared_head and key == "lm_head")
 
 
 def stored_nbytes(g: str | int, key: str, shape: tuple[int, ...], dtype: torch.dtype,
-                  quant: QuantConfig | None, tied: bool) -> int:
-    if quant is not None and compressed(g, key, shape, tied):
-        return blob_nbytes(shape, dtype, quant)
-    return _nbytes(shape, dtype)
+                  quant: QuantConfig | None, shared_head: bool, tier: str = "cpu",
+                  store: torch.dtype | None = None) -> int:
+    """Bytes of one weight as kept on ``tier``: a blob (scales in the store dtype),
+    dense in the compute dtype on the compute tier, dense in the store dtype elsewhere."""
+    store = store or dtype
+    if quant is not None and compressed(g, key, shape, shared_head):
+        return blob_nbytes(shape, store, quant)
+    return _nbytes(shape, dtype if tier == "gpu" else store)
+
+
+def converted(g: str | int, key: str, shape: tuple[int, ...], dtype: torch.dtype, quant: QuantConfig | None,
+              shared_head: bool, tier: str, store: torch.dtype | None) -> bool:
+    """Whether a weight is stored in a form the compute device must convert before use."""
+    if quant is not None and compressed(g, key, shape, shared_head):
+        return True
+    return tier != "gpu" and store is not None and store != dtype
 
 
 def place_group(sizes: dict[str, int], shares: tuple[float, float, float]) -> dict[str, str]:
@@ -70,30 +88,45 @@ def placed_shapes(model: Model) -> tuple[dict[str | int, dict[str, tuple[int, ..
     return shapes, tied
 
 
-def group_sizes(model: Model, dtype: torch.dtype,
-                quant: QuantConfig | None) -> tuple[dict[str | int, dict[str, int]], bool]:
-    """Stored bytes of every weight, by group."""
+def shares_embedding(model: Model, dtype: torch.dtype, shares: tuple[float, float, float] | None,
+                     store: torch.dtype | None = None) -> bool:
+    """Whether a tied lm_head shares the token embedding's storage: both homed on one tier
+    other than disk. One that cannot (``shares`` put them apart) is a matrix of its own,
+    so weight compression applies to it. Without ``shares``, a tied head counts as shared."""
     shapes, tied = placed_shapes(model)
-    return {g: {k: stored_nbytes(g, k, s, dtype, quant, tied) for k, s in gs.items()}
-            for g, gs in shapes.items()}, tied
+    if not tied or shares is None:
+        return tied
+    def tier(g: str, key: str) -> str:
+        return place_group({k: _nbytes(s, store or dtype) for k, s in shapes[g].items()}, shares)[key]
+    return tier("embed", "tok") == tier("head", "lm_head") != "disk"
+
+
+def group_sizes(model: Model, dtype: torch.dtype, quant: QuantConfig | None, store: torch.dtype | None = None,
+                shares: tuple[float, float, float] | None = None) -> tuple[dict[str | int, dict[str, int]], bool]:
+    """Bytes of every weight as stored off the compute tier, by group (what placement splits),
+    and whether the lm_head shares the embedding's storage (see ``shares_embedding``)."""
+    shapes, _ = placed_shapes(model)
+    shared = shares_embedding(model, dtype, shares, store)
+    return {g: {k: stored_nbytes(g, k, s, dtype, quant, shared, "cpu", store) for k, s in gs.items()}
+            for g, gs in shapes.items()}, shared
 
 
 def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float, float],
-                    quant: QuantConfig | None = None) -> dict[str, int]:
+                    quant: QuantConfig | None = None, store: torch.dtype | None = None) -> dict[str, int]:
     """Bytes per tier for the whole model as stored, the largest streamed group (for
-    buffers) and the largest group's dequantized size (compute scratch)."""
-    sizes, tied = group_sizes(model, dtype, quant)
+    buffers) and the largest group's dequantized or cast size (compute scratch)."""
+    sizes, shared_head = group_sizes(model, dtype, quant, store, shares)
     shapes, _ = placed_shapes(model)
     places = {g: place_group(s, shares) for g, s in sizes.items()}
     out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0, "max_dequantized_group": 0}
     for g, group in sizes.items():
         streamed = dense = 0
         for k, tier in places[g].items():
-            n = group[k]
-            shared = tied and (g, k) == ("head", "lm_head") and tier == places["embed"]["tok"] != "disk"
-            out[tier] += 0 if shared else n
+            n = stored_nbytes(g, k, shapes[g][k], dtype, quant, shared_head, tier, store)
+            out[tier] += 0 if shared_head and (g, k) == ("head", "lm_head") else n
             streamed += n if tier != "gpu" else 0
-            dense += _nbytes(shapes[g][k], dtype) if quant and compressed(g, k, shapes[g][k], tied) else 0
+            if converted(g, k, shapes[g][k], dtype, quant, shared_head, tier, store) and (g, k) not in GATHERED:
+                dense += _nbytes(shapes[g][k], dtype)
         out["max_streamed_group"] = max(out["max_streamed_group"], streamed)
         out["max_dequantized_group"] = max(out["max_dequantized_group"], dense)
     return out
@@ -104,6 +137,7 @@ class Home:
     tier: str
     shape: tuple[int, ...]
     nbytes: int                             # as stored (a compressed blob's size)
+    dtype: torch.dtype                      # as stored (a blob's scales)
     quant: QuantConfig | None = None        # set: stored as a quantized blob
     tensor: torch.Tensor | None = None      # gpu / cpu homes
     offset: int = 0                         # disk homes: byte offset in the group's file
@@ -130,12 +164,14 @@ class TieredWeights:
 
     def __init__(self, source: ModelSource, model: Model, dtype: torch.dtype, device: torch.device,
                  shares: tuple[float, float, float], tiers: Tiers, offload: OffloadDir | None,
-                 io: IOPool, mover: Mover, pin: bool = True, quant: QuantConfig | None = None):
+                 io: IOPool, mover: Mover, pin: bool = True, quant: QuantConfig | None = None,
+                 store: torch.dtype | None = None):
         self.dtype, self.device, self.tiers, self.io, self.mover = dtype, device, tiers, io, mover
+        self.store = store or dtype
         self.pool = BufferPool(pin and mover.cuda)
         # a tied lm_head is placed as a head tensor of its own; it shares storage when homes agree
         shapes, self.tied = placed_shapes(model)
-        sizes, _ = group_sizes(model, dtype, quant)
+        sizes, self.shared_head = group_sizes(model, dtype, quant, self.store, shares)
         self.homes: dict[str | int, dict[str, Home]] = {}
         self.files: dict[str | int, Any] = {}
         self.disk_span: dict[str | int, int] = {}
@@ -143,14 +179,15 @@ class TieredWeights:
             place = place_group(sizes[g], shares)
             homes, off = {}, 0
             for k, s in group_shapes.items():
-                q = quant if quant is not None and compressed(g, k, tuple(s), self.tied) else None
-                homes[k] = Home(place[k], tuple(s), sizes[g][k], q)
-                if place[k] == "disk" and (g, k) in GATHERED:
-                    n = -(-sizes[g][k] // ALIGN) * ALIGN   # a file of its own, read by rows
-                    self._new_file((g, k), n, offload)
-                elif place[k] == "disk":
+                s, tier = tuple(s), place[k]
+                q = quant if quant is not None and compressed(g, k, s, self.shared_head) else None
+                n = stored_nbytes(g, k, s, dtype, quant, self.shared_head, tier, self.store)
+                homes[k] = Home(tier, s, n, self.store if q or tier != "gpu" else dtype, q)
+                if tier == "disk" and (g, k) in GATHERED:
+                    self._new_file((g, k), -(-n // ALIGN) * ALIGN, offload)   # a file of its own, read by rows
+                elif tier == "disk":
                     homes[k].offset = off
-                    off += -(-sizes[g][k] // ALIGN) * ALIGN
+                    off += -(-n // ALIGN) * ALIGN
             self.homes[g] = homes
             if off:
                 self._new_file(g, off, offload)
@@ -166,12 +203,10 @@ class TieredWeights:
             if tuple(t.shape) != tuple(shapes[g][key]):
                 raise CheckpointError(f"{source.description}: weight {key!r} of {g} has shape "
                                       f"{tuple(t.shape)}, expected {tuple(shapes[g][key])}")
-            t = t.to(self.dtype).contiguous()
-            h = self.homes[g][key]
-            self._store(g, key, to_blob(quantize(t, h.quant)) if h.quant else t, pin)
+            self._store(g, key, t, pin)
             seen.add((g, key))
             if self.tied and (g, key) == ("embed", "tok"):
-                self._store("head", "lm_head", t, pin, share=self.homes["embed"]["tok"])
+                self._store("head", "lm_head", t, pin, share=self.homes["embed"]["tok"] if self.shared_head else None)
                 seen.add(("head", "lm_head"))
         for g, group_shapes in shapes.items():
             for key in group_shapes:
@@ -188,10 +223,13 @@ class TieredWeights:
         self.disk_span[key] = nbytes
 
     def _store(self, g: str | int, key: str, t: torch.Tensor, pin: bool, share: Home | None = None) -> None:
+        """Home a checkpoint tensor as its Home says: a quantized blob or a dense copy at its dtype."""
         h = self.homes[g][key]
-        if share is not None and share.tier == h.tier and h.tier != "disk":
-            h.tensor = share.tensor      # tied head on the same tier: one copy, counted once
-        elif h.tier == "gpu":
+        if share is not None:
+            h.tensor = share.tensor      # tied head on the embedding's tier: one copy, counted once
+            return
+        t = to_blob(quantize(t.to(h.dtype), h.quant)) if h.quant else t.to(h.dtype).contiguous()
+        if h.tier == "gpu":
             self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {g}")
             h.tensor = t.to(self.device)
         elif h.tier == "cpu":
@@ -240,7 +278,7 @@ class TieredWeights:
                     h = homes[k]
                     view = buf[h.offset - base:h.offset - base + h.nbytes]
                     if h.quant is None:
-                        view = view.view(self.dtype).view(h.shape)
+                        view = view.view(h.dtype).view(h.shape)
                     res[k], ev = self.mover.to_compute(view, "cpu->gpu")
                     last_ev = ev or last_ev
                 return res, last_ev
@@ -252,24 +290,28 @@ class TieredWeights:
         if self.mover.cuda and disk_keys:
             self.tiers.gpu.alloc(sum(homes[k].nbytes for k in disk_keys), f"streamed weights of {g}")
             charged += sum(homes[k].nbytes for k in disk_keys)
-        ready = _GroupReady(out, events, fut, self._dequantizer(g))
+        ready = _GroupReady(out, events, fut, self._converter(g))
         self.loaded[g] = (ready, charged, buf, charged_host)
 
     def group(self, g: str | int) -> Weights:
         self.acquire(g)
         return self.loaded[g][0].get()
 
-    def _dequantizer(self, g: str | int) -> Any:
-        """Turns a group's landed blobs into dense weights on the compute device, charging
-        the dense copies to compute memory until the group is released."""
-        quantized = {k: h for k, h in self.homes[g].items() if h.quant is not None}
-        if not quantized:
+    def _converter(self, g: str | int) -> Any:
+        """Turns a group's landed blobs (and narrower stored copies) into dense compute-dtype
+        weights on the compute device, charging them to compute memory until release."""
+        todo = {k: h for k, h in self.homes[g].items()
+                if (h.quant is not None or h.dtype != self.dtype) and (g, k) not in GATHERED}
+        if not todo:
             return None
 
         def run(out: Weights) -> int:
             dense = 0
-            for k, h in quantized.items():
-                out[k] = dequantize(from_blob(out[k], h.shape, self.dtype, h.quant), self.dtype)
+            for k, h in todo.items():
+                if h.quant is not None:
+                    out[k] = dequantize(from_blob(out[k], h.shape, h.dtype, h.quant), self.dtype)
+                else:
+                    out[k] = out[k].to(self.dtype)
                 dense += out[k].nbytes
             self.tiers.gpu.alloc(dense, f"dequantized weights of {g}")
             return dense
@@ -335,12 +377,12 @@ class RowGather:
         if h.tier == "cpu":
             rows = h.tensor[uniq]
         else:
-            rows = torch.empty(len(uniq), width, dtype=st.dtype)
+            rows = torch.empty(len(uniq), width, dtype=h.dtype)
             row_bytes = rows[0].nbytes
             for i, t in enumerate(uniq.tolist()):
                 self.file.read_into(h.offset + t * row_bytes, rows[i].view(torch.uint8))
             st.tiers.links.add("disk->cpu" if st.mover.cuda else "disk->gpu", rows.nbytes)
-        out = rows[inverse].view(*ids.shape, width)
+        out = rows[inverse].view(*ids.shape, width).to(st.dtype)
         if st.mover.cuda:
             st.tiers.links.add("cpu->gpu", out.nbytes)
             return out.to(st.device)
