@@ -38,7 +38,7 @@ def dequantized_copy(hf, llm):
             if slot is None:
                 continue
             g, key = slot
-            if key in shapes.get(g, {}) and compressed(g, key, tuple(p.shape), llm.weights.shared_head):
+            if key in shapes.get(g, {}) and compressed(g, key, tuple(p.shape), llm.weights.tied):
                 p.copy_(dequantize(quantize(p.detach(), WEIGHT_QUANT)))
                 n += 1
     assert n > 0
