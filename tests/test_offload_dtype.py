@@ -122,3 +122,16 @@ def test_bad_offload_dtype_is_refused(hf_model_dirs):
     _, path = hf_model_dirs("opt")
     with pytest.raises(InvalidRequestError, match="offload dtype"):
         LLM(path, offload_dtype="int3")
+
+
+def test_cost_model_streams_offloaded_weights_at_their_dtype():
+    from tiergen.config import ModelConfig
+    from tiergen.policy.cost_model import CostModel, Workload
+    from test_cost_model import cpu_profile
+    cfg, wl = ModelConfig.from_name("opt-1.3b"), Workload(32, 8)
+    wide = CostModel(cfg, torch.float32, cpu_profile(), wl)
+    narrow = CostModel(cfg, torch.float32, cpu_profile(), wl, store=torch.bfloat16)
+    disk_heavy = P([0, 10, 100, 0, 100, 0], bs=32, k=1)
+    assert narrow.weight_ratio(disk_heavy) == 0.5 and wide.weight_ratio(disk_heavy) == 1.0
+    assert narrow.memory(disk_heavy)["disk"] < 0.51 * wide.memory(disk_heavy)["disk"]
+    assert narrow.predict(disk_heavy).throughput > wide.predict(disk_heavy).throughput

@@ -197,6 +197,7 @@ def auto_from_args(args: argparse.Namespace):  # -> Policy
     from .policy.search import resolve_auto
     return resolve_auto("auto", args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
                         gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk, offload_dir=args.offload_dir,
+                        offload_dtype=args.offload_dtype,
                         workload=Workload(args.prompt_len, args.gen_len), base=policy_from_args(args),
                         max_block=args.max_block)
 

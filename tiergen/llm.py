@@ -109,7 +109,8 @@ class LLM:
             # "auto": the cost model's pick for this model under these budgets (tiergen.policy.search)
             from .policy.search import resolve_auto
             policy = resolve_auto(policy, model, dtype=dtype, device=device, dummy=dummy, seed=seed,
-                                  gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk=disk, offload_dir=offload_dir)
+                                  gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk=disk, offload_dir=offload_dir,
+                                  offload_dtype=offload_dtype)
         if policy is None:
             cpu = resolve_device(device).type == "cpu"
             batch_size = batch_size or (256 if cpu else 32)

@@ -170,8 +170,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class CostModel:
     """The equations of the module docstring for one model, dtype, profile and workload."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workload: Workload):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workload: Workload,
+                 store: torch.dtype | None = None):
         self.cfg, self.dtype, self.prof, self.wl = cfg, dtype, profile, workload
+        self.store = store or dtype    # offloaded weights' dtype (LLM's offload_dtype)
         self.model = get_model(cfg)
         self.it = _itemsize(dtype)
         shapes = self.model.shapes()
@@ -183,10 +185,12 @@ class CostModel:
 
     # ------------------------------------------------------------- sizes
     def weight_ratio(self, policy: Policy) -> float:
+        """Bytes of an offloaded layer as stored, per dense byte at the compute dtype."""
         if not policy.compress_weight:
-            return 1.0
+            return _itemsize(self.store) / self.it
         from ..weights.tiered import group_sizes
-        return sum(group_sizes(self.model, self.dtype, policy.weight_quant)[0][0].values()) / self.layer_bytes
+        return sum(group_sizes(self.model, self.dtype, policy.weight_quant, self.store)[0][0].values()) \
+            / self.layer_bytes
 
     def cache_ratio(self, policy: Policy) -> float:
         if not policy.compress_cache:
@@ -234,6 +238,8 @@ class CostModel:
         compute = K * (attn + (mm + over + elem))
         if policy.compress_weight:
             compute = compute + n_w * W / comp.dequant_Bps
+        elif self.store != self.dtype:   # offloaded weights cast to the compute dtype once per block
+            compute = compute + (n_w * W / comp.elementwise_Bps) * (var("w_cpu") + var("w_disk"))
         if policy.compress_cache:
             compute = compute + K * prefix / comp.dequant_Bps
 
@@ -269,7 +275,10 @@ class CostModel:
         size = c.vocab_size * head_in
         mm = 2.0 * b * size / p.compute.matmul_rate(dt, b, size)
         sample = 3 * b * c.vocab_size * 4 / p.compute.elementwise_Bps
-        hb = size * self.it * self.weight_ratio(policy)
+        from ..weights.tiered import stored_nbytes
+        quant = policy.weight_quant if policy.compress_weight else None
+        hb = stored_nbytes("head", "lm_head", (c.vocab_size, head_in), self.dtype, quant,
+                           c.tie_word_embeddings, "cpu", self.store)   # a tied head stays dense
         if placed is not None:
             on_disk, on_cpu = Affine(placed["head_disk"]), Affine(placed["head_cpu"])
         else:
@@ -316,7 +325,7 @@ class CostModel:
         bytes per tier), cache and activations by whole rows of a micro-batch."""
         from ..weights.tiered import group_sizes, place_group
         quant = policy.weight_quant if policy.compress_weight else None
-        sizes = group_sizes(self.model, self.dtype, quant)[0][0]    # layer 0, bytes as stored
+        sizes = group_sizes(self.model, self.dtype, quant, self.store)[0][0]    # layer 0, bytes as stored
         place = place_group(sizes, policy.shares("w"))
         wb = {"gpu": 0, "cpu": 0, "disk": 0}
         for k, n in sizes.items():
@@ -325,7 +334,7 @@ class CostModel:
         b = policy.gpu_batch_size
         cg, cc, cd = split_rows(b, policy.shares("cache"))
         ag, ac, ad = split_rows(b, policy.shares("act"))
-        head_sizes = group_sizes(self.model, self.dtype, quant)[0]["head"]
+        head_sizes = group_sizes(self.model, self.dtype, quant, self.store)[0]["head"]
         head_tier = place_group(head_sizes, policy.shares("w"))["lm_head"]
         return {"w_gpu": wb["gpu"] / tot, "w_cpu": wb["cpu"] / tot, "w_disk": wb["disk"] / tot,
                 "c_gpu": cg / b, "c_cpu": cc / b, "c_disk": cd / b, "a_gpu": ag / b, "a_cpu": (ac + ad) / b,
@@ -345,7 +354,7 @@ class CostModel:
         asks for the same few placements for every block shape."""
         key = (policy.shares("w"), policy.compress_weight, policy.weight_quant, policy.overlap)
         if key not in self._wd:
-            self._wd[key] = weight_demand(self.model, self.dtype, policy, self.device)
+            self._wd[key] = weight_demand(self.model, self.dtype, policy, self.device, self.store)
         return self._wd[key]
 
     def memory_affine(self, policy: Policy) -> dict[str, Affine]:

@@ -293,13 +293,13 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
            num_batches: Iterable[int] = NUM_BATCHES, max_block: int | None = None,
            compress: bool = False, base: Policy | None = None,
            accept: Callable[[Policy], bool] | None = None,
-           log: Callable[[str], None] | None = None) -> Plan:
+           log: Callable[[str], None] | None = None, store: torch.dtype | None = None) -> Plan:
     """The predicted-fastest policy that the runtime accepts under ``tiers``' budgets.
 
     ``margin``: the share of each budget kept free (one number, or per constraint
     "gpu", "cpu", "disk", "host"; unnamed ones as in margins_for). ``accept``: a
     further condition every returned policy must meet."""
-    cm = CostModel(cfg, dtype, profile, workload)
+    cm = CostModel(cfg, dtype, profile, workload, store)
     rt = reserved(tiers, margin)
     budgets = {t: float(rt[t].budget - rt[t].current) for t in ("gpu", "cpu", "disk")}
     base = base or Policy()
@@ -328,7 +328,7 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
                     log(f"{b}x{K} {flags} -> {cand.percent} {pred.throughput:.3f} tok/s")
                 found.append(Plan(cand, pred, 0, 0))
     if found:
-        best = _pick(found, CostModel(cfg, dtype, slow_io(profile), workload))
+        best = _pick(found, CostModel(cfg, dtype, slow_io(profile), workload, store))
     if best is None:
         raise NoFeasiblePolicyError(
             f"no policy fits the budgets (gpu {budgets['gpu']:.3g} B, cpu {budgets['cpu']:.3g} B, "
@@ -348,7 +348,7 @@ AUTO_MAX_BLOCK = 256
 def auto_policy(cfg: ModelConfig, dtype: torch.dtype, tiers, workload: Workload | None = None,
                 profile: HardwareProfile | None = None, max_block: int | None = AUTO_MAX_BLOCK,
                 base: Policy | None = None, margin: float | Mapping[str, float] = MARGIN,
-                accept: Callable[[Policy], bool] | None = None) -> Plan:
+                accept: Callable[[Policy], bool] | None = None, store: torch.dtype | None = None) -> Plan:
     """policy="auto": the search on this machine's cached profile under ``tiers``' budgets."""
     from .profile import cached_profile
     wl = workload or AUTO_WORKLOAD
@@ -356,7 +356,8 @@ def auto_policy(cfg: ModelConfig, dtype: torch.dtype, tiers, workload: Workload 
     if wl.prompt_len + wl.gen_len > ctx:
         wl = Workload(max(1, ctx - wl.gen_len), min(wl.gen_len, ctx - 1))
     prof = profile or cached_profile(device=tiers.device.type)
-    return search(cfg, dtype, prof, wl, tiers, max_block=max_block, base=base, margin=margin, accept=accept)
+    return search(cfg, dtype, prof, wl, tiers, max_block=max_block, base=base, margin=margin, accept=accept,
+                  store=store)
 
 
 def auto_margins(gpu_mem, cpu_mem, disk) -> dict[str, float]:
@@ -370,7 +371,7 @@ def auto_margins(gpu_mem, cpu_mem, disk) -> dict[str, float]:
 def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: bool = False, seed: int = 0,
                  gpu_mem=None, cpu_mem=None, disk=None, offload_dir: str | None = None,
                  workload: Workload | None = None, base: Policy | None = None,
-                 max_block: int | None = AUTO_MAX_BLOCK) -> Policy:
+                 max_block: int | None = AUTO_MAX_BLOCK, offload_dtype=None) -> Policy:
     """What LLM(model, policy="auto", ...) runs: the model's shape, the same budgets the
     LLM will hold, this machine's profile.
 
@@ -379,7 +380,7 @@ def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: boo
     when no float32 policy fits, the plan is a bfloat16 one for which that fallback
     surely happens (its float32 weights do not fit)."""
     from ..errors import InvalidRequestError
-    from ..llm import resolve_device, resolve_dtype
+    from ..llm import resolve_device, resolve_dtype, resolve_store_dtype
     from ..memory_plan import weight_demand
     from ..tiers import Tiers, parse_bytes
     from ..weights.source import resolve
@@ -388,12 +389,14 @@ def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: boo
     import scipy.optimize  # noqa: F401  (the LP's libraries: in the RAM measured free here, as in the LLM's)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    cfg = resolve(model, dummy=dummy, seed=seed).config
+    src = resolve(model, dummy=dummy, seed=seed)
+    cfg = src.config
     budgets = [parse_bytes(x) for x in (gpu_mem, cpu_mem, disk)]
     tiers = Tiers(dev, *budgets, offload_dir)
     margin = auto_margins(*budgets)
     try:
-        return auto_policy(cfg, dt, tiers, workload, max_block=max_block, base=base, margin=margin).policy
+        return auto_policy(cfg, dt, tiers, workload, max_block=max_block, base=base, margin=margin,
+                           store=resolve_store_dtype(offload_dtype, src.dtype, dt)).policy
     except NoFeasiblePolicyError:
         if dtype not in (None, "auto") or dt != torch.float32:
             raise
@@ -403,9 +406,10 @@ def resolve_auto(policy: str, model: str, *, dtype=None, device=None, dummy: boo
 
     def falls_back(p: Policy) -> bool:
         try:
-            tiers.check_fits(weight_demand(model_, torch.float32, p, dev))
+            tiers.check_fits(weight_demand(model_, torch.float32, p, dev,
+                                           resolve_store_dtype(offload_dtype, src.dtype, torch.float32)))
             return False
         except PolicyDoesNotFitError:
             return True
     return auto_policy(cfg, torch.bfloat16, tiers, workload, max_block=max_block, base=base, margin=margin,
-                       accept=falls_back).policy
+                       accept=falls_back, store=resolve_store_dtype(offload_dtype, src.dtype, torch.bfloat16)).policy
