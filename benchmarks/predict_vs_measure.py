@@ -70,7 +70,8 @@ def predict_for(result: dict[str, Any], model: str, profile: Any) -> dict[str, A
         pd[key] = cls(**q)
     policy = Policy(**pd)
     cfg = resolve(model, dummy=True).config
-    cm = CostModel(cfg, dt[result["dtype"]], profile, Workload(result["prompt_len"], result["gen_len"]))
+    cm = CostModel(cfg, dt[result["dtype"]], profile, Workload(result["prompt_len"], result["gen_len"]),
+                   dt[result.get("offload_dtype", result["dtype"])])
     return cm.predict(policy).to_dict()
 
 

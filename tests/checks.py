@@ -1,5 +1,17 @@
 """Assertions shared by the placement and compression grids."""
-from tiergen import LLM, SamplingParams
+from tiergen import LLM, Policy, SamplingParams
+
+
+def P(percent: list[float], bs: int = 2, k: int = 2, **kw) -> Policy:
+    """A policy from FlexGen's six percents, in small blocks that make the grids spill."""
+    return Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=k, **kw)
+
+
+def reference(path: str, prompts: list[list[int]], params: SamplingParams, **llm_kw) -> tuple[list, list]:
+    """Greedy tokens and scores of one run, to compare other placements against."""
+    llm = LLM(path, dtype="float32", **llm_kw)
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, params=params)], \
+        llm.score(token_ids=prompts)
 
 
 def assert_same_output(llm: LLM, prompts: list[list[int]], params: SamplingParams,

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from checks import assert_same_output
+from checks import P, assert_same_output, reference
 from test_parity import PROMPT, hf_step_logits, our_step_logits
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.kv_codec import DenseCodec, QuantCodec, empty_store, nbytes
@@ -21,10 +21,6 @@ PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9, 41, 42, 43], [5, 6], list(range(10, 31))
 PARAMS = SamplingParams(max_new_tokens=14, ignore_eos=True)
 RESIDENT = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0,
                 act_gpu_percent=100, act_cpu_percent=0)
-
-
-def P(percent, bs=2, k=2, **kw):
-    return Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=k, **kw)
 
 
 def dequantized_copy(hf, llm):
@@ -79,9 +75,7 @@ def compressed_resident(hf_model_dirs):
         key = (name, tuple(sorted(kw.items())))
         if key not in cache:
             _, path = hf_model_dirs(name)
-            llm = LLM(path, dtype="float32", policy=P([100, 0, 100, 0, 100, 0], **kw))
-            cache[key] = (path, [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)],
-                          llm.score(token_ids=PROMPTS))
+            cache[key] = (path, *reference(path, PROMPTS, PARAMS, policy=P([100, 0, 100, 0, 100, 0], **kw)))
         return cache[key]
     return get
 

@@ -6,17 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checks import assert_same_output
+from checks import P, assert_same_output, reference
 
-from tiergen import LLM, Policy, SamplingParams
+from tiergen import LLM, SamplingParams
 from tiergen.errors import InvalidRequestError
 
 PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9], [5, 6], list(range(10, 31))]
 PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True)
-
-
-def P(percent, bs=2, k=2, **kw):
-    return Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=k, **kw)
 
 
 PLACEMENTS = {
@@ -41,9 +37,7 @@ def bf16_dirs(hf_model_dirs, tmp_path_factory):
             tensors = load_file(os.path.join(src, "model.safetensors"))
             save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"),
                       metadata={"format": "pt"})
-            llm = LLM(dst, dtype="float32")
-            cache[name] = (dst, [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)],
-                           llm.score(token_ids=PROMPTS))
+            cache[name] = (dst, *reference(dst, PROMPTS, PARAMS))
         return cache[name]
     return get
 
@@ -88,9 +82,7 @@ def test_disk_holds_and_streams_checkpoint_precision(bf16_dirs, tmp_path):
 def test_compressed_blobs_use_the_offload_dtype(bf16_dirs, tmp_path):
     path, _, _ = bf16_dirs("opt")
     pol = dict(compress_weight=True)
-    ref = LLM(path, dtype="float32", policy=P([100, 0, 100, 0, 100, 0], **pol))
-    ref_tokens = [o.token_ids for o in ref.generate(prompt_token_ids=PROMPTS, params=PARAMS)]
-    ref_scores = ref.score(token_ids=PROMPTS)
+    ref_tokens, ref_scores = reference(path, PROMPTS, PARAMS, policy=P([100, 0, 100, 0, 100, 0], **pol))
     f32 = LLM(path, dtype="float32", policy=P([0, 0, 100, 0, 100, 0], **pol), offload_dir=str(tmp_path / "a"),
               offload_dtype="float32")
     llm = LLM(path, dtype="float32", policy=P([0, 0, 100, 0, 100, 0], **pol), offload_dir=str(tmp_path / "b"))

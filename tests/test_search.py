@@ -1,7 +1,6 @@
 """Policy search: only policies the runtime accepts, and LLM(policy="auto") wiring."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

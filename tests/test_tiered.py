@@ -3,16 +3,12 @@ import os
 
 import pytest
 
-from checks import assert_same_output
+from checks import P, assert_same_output, reference
 
 from tiergen import LLM, Policy, PolicyDoesNotFitError, SamplingParams
 
 PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9], [5, 6], list(range(10, 31)), [200, 100, 50, 25, 12]]
 PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
-
-
-def P(percent, bs=2, k=2, **kw):
-    return Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=k, **kw)
 
 
 GRID = {
@@ -45,9 +41,7 @@ def resident(hf_model_dirs):
     def get(name):
         if name not in cache:
             _, path = hf_model_dirs(name)
-            llm = LLM(path, dtype="float32")
-            cache[name] = (path, [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)],
-                           llm.score(token_ids=PROMPTS))
+            cache[name] = (path, *reference(path, PROMPTS, PARAMS))
         return cache[name]
     return get
 
