@@ -55,6 +55,13 @@ def predictions(prof: HardwareProfile, model: str, dtype: torch.dtype) -> list[f
     return [cm.predict(p).throughput for p in POLICIES]
 
 
+def baseline(make, model: str) -> tuple[HardwareProfile, torch.dtype, list[float]]:
+    """A profile, the dtype it runs, and its predictions for POLICIES."""
+    prof = make()
+    dtype = torch.float16 if prof.device == "cuda" else torch.bfloat16
+    return prof, dtype, predictions(prof, model, dtype)
+
+
 def assert_never_slower(better: HardwareProfile, before: list[float], model: str, dtype: torch.dtype,
                         what: str) -> None:
     for a, b in zip(predictions(better, model, dtype), before):
@@ -64,9 +71,7 @@ def assert_never_slower(better: HardwareProfile, before: list[float], model: str
 @pytest.mark.parametrize("make", [cpu_profile, t4_paper_profile])
 @pytest.mark.parametrize("model", MODELS)
 def test_more_bandwidth_never_predicts_slower(make, model):
-    prof = make()
-    dtype = torch.float16 if prof.device == "cuda" else torch.bfloat16
-    before = predictions(prof, model, dtype)
+    prof, dtype, before = baseline(make, model)
     for field in ("disk_read_Bps", "disk_write_Bps", "h2d_pinned_Bps", "d2h_pinned_Bps"):
         v = getattr(prof, field)
         if v == float("inf"):
@@ -77,9 +82,7 @@ def test_more_bandwidth_never_predicts_slower(make, model):
 @pytest.mark.parametrize("make", [cpu_profile, t4_paper_profile])
 @pytest.mark.parametrize("model", MODELS)
 def test_more_compute_never_predicts_slower(make, model):
-    prof = make()
-    dtype = torch.float16 if prof.device == "cuda" else torch.bfloat16
-    before = predictions(prof, model, dtype)
+    prof, dtype, before = baseline(make, model)
     for which in ("compute", "host"):
         faster = dataclasses.replace(prof, **{which: scaled_rates(getattr(prof, which), 2.0)})
         assert_never_slower(faster, before, model, dtype, which)

@@ -49,23 +49,26 @@ def compressed(g: str | int, key: str, shape: tuple[int, ...], tied: bool) -> bo
     return not (tied and key == "lm_head")
 
 
+def stored_dtype(quantized: bool, tier: str, dtype: torch.dtype, store: torch.dtype | None) -> torch.dtype:
+    """A weight's dtype as kept on ``tier`` (a blob's: its scales'): the compute dtype for a
+    dense weight on the compute tier, the store dtype everywhere else."""
+    return dtype if tier == "gpu" and not quantized else store or dtype
+
+
 def stored_nbytes(g: str | int, key: str, shape: tuple[int, ...], dtype: torch.dtype,
                   quant: QuantConfig | None, tied: bool, tier: str = "cpu",
                   store: torch.dtype | None = None) -> int:
-    """Bytes of one weight as kept on ``tier``: a blob (scales in the store dtype),
-    dense in the compute dtype on the compute tier, dense in the store dtype elsewhere."""
-    store = store or dtype
-    if quant is not None and compressed(g, key, shape, tied):
-        return blob_nbytes(shape, store, quant)
-    return _nbytes(shape, dtype if tier == "gpu" else store)
+    """Bytes of one weight as kept on ``tier``: a blob, or dense at its ``stored_dtype``."""
+    q = quant is not None and compressed(g, key, shape, tied)
+    dt = stored_dtype(q, tier, dtype, store)
+    return blob_nbytes(shape, dt, quant) if q else _nbytes(shape, dt)
 
 
 def converted(g: str | int, key: str, shape: tuple[int, ...], dtype: torch.dtype, quant: QuantConfig | None,
               tied: bool, tier: str, store: torch.dtype | None) -> bool:
     """Whether a weight is stored in a form the compute device must convert before use."""
-    if quant is not None and compressed(g, key, shape, tied):
-        return True
-    return tier != "gpu" and store is not None and store != dtype
+    q = quant is not None and compressed(g, key, shape, tied)
+    return q or stored_dtype(q, tier, dtype, store) != dtype
 
 
 def place_group(sizes: dict[str, int], shares: tuple[float, float, float]) -> dict[str, str]:
@@ -168,7 +171,7 @@ class TieredWeights:
                 s, tier = tuple(s), place[k]
                 q = quant if quant is not None and compressed(g, k, s, self.tied) else None
                 n = stored_nbytes(g, k, s, dtype, quant, self.tied, tier, self.store)
-                homes[k] = Home(tier, s, n, self.store if q or tier != "gpu" else dtype, q)
+                homes[k] = Home(tier, s, n, stored_dtype(q is not None, tier, dtype, self.store), q)
                 if tier == "disk" and (g, k) in GATHERED:
                     self._new_file((g, k), -(-n // ALIGN) * ALIGN, offload)   # a file of its own, read by rows
                 elif tier == "disk":
@@ -368,11 +371,11 @@ class RowGather:
             for i, t in enumerate(uniq.tolist()):
                 self.file.read_into(h.offset + t * row_bytes, rows[i].view(torch.uint8))
             st.tiers.links.add("disk->cpu" if st.mover.cuda else "disk->gpu", rows.nbytes)
-        out = rows[inverse].view(*ids.shape, width).to(st.dtype)
-        if st.mover.cuda:
+        out = rows[inverse].view(*ids.shape, width)
+        if st.mover.cuda:   # cross the link at the stored size, cast on the GPU
             st.tiers.links.add("cpu->gpu", out.nbytes)
-            return out.to(st.device)
-        return out
+            out = out.to(st.device)
+        return out.to(st.dtype)
 
 
 class _GroupReady:
