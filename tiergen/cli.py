@@ -29,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype: float32 | bfloat16 | float16 (default float32 on a CPU, bfloat16 on a GPU)")
     g.add_argument("--offload-dtype", default=None,
                    help="dtype of weights homed on the host or disk (default: the checkpoint's, if narrower)")
+    g.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype the KV cache is stored at, on every tier (default: the compute dtype)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     pol = p.add_argument_group("policy and budgets")
     pol.add_argument("--gpu-batch-size", "--batch-size", type=int, default=None, dest="gpu_batch_size",
@@ -77,7 +79,8 @@ def policy_from_args(args: argparse.Namespace):  # -> Policy
     return Policy.from_percent(args.percent, gpu_batch_size=batch,
                                num_gpu_batches=args.num_gpu_batches, cpu_attention=args.cpu_attention,
                                schedule=args.schedule, overlap=not args.no_overlap,
-                               pin_weight=not args.no_pin_weight, **quant_from_args(args))
+                               pin_weight=not args.no_pin_weight, cache_dtype=args.cache_dtype,
+                               **quant_from_args(args))
 
 
 def load_llm(args: argparse.Namespace):  # -> LLM
@@ -108,6 +111,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     pol = r["policy"]
     stored = f", offloaded weights {r['offload_dtype']}" if r["offload_dtype"] != r["dtype"] else ""
+    if pol["cache_dtype"] not in (None, r["dtype"]):
+        stored += f", KV cache {pol['cache_dtype']}"
     print(f"model {r['model']} ({r['dtype']}{stored}, {r['device']}), {r['num_prompts']} prompts x "
           f"{r['prompt_len']} tokens, {r['gen_len']} new tokens each")
     print(f"policy {pol['gpu_batch_size']}x{pol['num_gpu_batches']} percent "

@@ -83,7 +83,7 @@ class Engine:
             valid[r, width - n:width] = True
         lens = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long)
         self._kv_count += 1
-        cache = KVCache(self.cfg, B, width + extra_cols, self.dtype, self.rt,
+        cache = KVCache(self.cfg, B, width + extra_cols, self.policy.kv_dtype(self.dtype), self.rt,
                         shares=self.policy.shares("cache"), name=f"kv{self._kv_count}",
                         quant=self.policy.cache_quant if self.policy.compress_cache else None)
         mb = MicroBatch(seqs, cache, valid.to(dev), lens.to(dev), col=0)

@@ -177,7 +177,7 @@ class LayerCache:
             qp, kp, vp, mp = q[r], k[r], v[r], ctx.mask[r]
             if p.head_major:
                 p.k[:, :, start:end], p.v[:, :, start:end] = kp, vp
-                outs.append(attention(qp, p.k[:, :, :end], p.v[:, :, :end], mp))
+                outs.append(attention(qp, _as(qp, p.k[:, :, :end]), _as(qp, p.v[:, :, :end]), mp))
             elif p.tier == "disk":
                 outs.append(self._attend_disk_rows(p, qp, kp, vp, mp, start, end))
             else:
@@ -248,7 +248,12 @@ class LayerCache:
 
 def _attend_store(codec: Codec, store: Store, q: torch.Tensor, mask: torch.Tensor, end: int) -> torch.Tensor:
     k, v = codec.read(store, end)
-    return attention(q, _hm(k), _hm(v), mask)
+    return attention(q, _as(q, _hm(k)), _as(q, _hm(v)), mask)
+
+
+def _as(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Cached keys/values at the query's dtype (a cache may be stored narrower)."""
+    return t if t.dtype == q.dtype else t.to(q.dtype)
 
 
 def _copy_prefix(codec: Codec, src: Store, dst: Store, tokens: int) -> int:
@@ -272,7 +277,8 @@ def _hm(t: torch.Tensor) -> torch.Tensor:
 
 class KVCache:
     """Keys and values for one micro-batch of ``batch`` sequences, ``max_len`` columns,
-    compressed on every tier when ``quant`` is given."""
+    stored at ``dtype`` (which may be narrower than the compute dtype: attention casts
+    what it reads) and compressed on every tier when ``quant`` is given."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, rt: Runtime,
                  shares: tuple[float, float, float] = (1.0, 0.0, 0.0), name: str = "kv",

@@ -124,6 +124,8 @@ class QuantCodec:
 
     # ---------------------------------------------------------------- api
     def write(self, store: Store, start: int, k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[int, int]]:
+        # quantize the values as stored, so every tier and the residual agree
+        k, v = k.to(self.dtype), v.to(self.dtype)
         end = start + k.shape[0]
         self._put_tokens(store, "v", start, v)
         changed = {name: (start, end) for name in ("v.data", "v.mins", "v.scales")}

@@ -40,13 +40,14 @@ def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: t
     it = _itemsize(dtype)
     max_len = prompt_width + new_tokens
     quant = policy.cache_quant if policy.compress_cache else None
-    homes = cache_bytes(cfg, rows, max_len, dtype, policy.shares("cache"), quant)
+    kv_dt = policy.kv_dtype(dtype)
+    homes = cache_bytes(cfg, rows, max_len, kv_dt, policy.shares("cache"), quant)
     g, c, d = split_rows(rows, policy.shares("cache"))
     streamed_rows = d + (c if device.type == "cuda" and not policy.cpu_attention else 0)
     # two layer-prefixes (current and prefetched micro-batch), as stored
-    work = 2 * cache_bytes(cfg, streamed_rows, max_len, dtype, (1.0, 0.0, 0.0), quant)["gpu"] // cfg.num_layers
-    # a compressed cache is dequantized per micro-batch for attention
-    dense_kv = 2 * rows * max_len * cfg.num_kv_heads * cfg.head_dim * it if quant else 0
+    work = 2 * cache_bytes(cfg, streamed_rows, max_len, kv_dt, (1.0, 0.0, 0.0), quant)["gpu"] // cfg.num_layers
+    # a compressed cache, or one stored narrower, is read back per micro-batch for attention
+    dense_kv = 2 * rows * max_len * cfg.num_kv_heads * cfg.head_dim * it if quant or kv_dt != dtype else 0
     ag, ac, _ = split_rows(rows, policy.shares("act"))
     act_row = prompt_width * cfg.hidden_size * it
     scores = rows * cfg.num_heads * prompt_width * prompt_width * 4
@@ -54,7 +55,7 @@ def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: t
     logits = rows * cfg.vocab_size * 4 * 2
     K = num_micro_batches
     return {
-        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work, "dequantized KV": dense_kv,
+        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work, "KV read back for attention": dense_kv,
                 "activations": K * ag * act_row, "compute scratch": max(scores, mlp, logits)},
         "cpu": {"KV cache": K * homes["cpu"], "activations": K * ac * act_row},
         "disk": {"KV cache": K * homes["disk"]},

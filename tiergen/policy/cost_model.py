@@ -193,14 +193,16 @@ class CostModel:
             / self.layer_bytes
 
     def cache_ratio(self, policy: Policy) -> float:
+        """Bytes of the cache as stored, per dense byte at the compute dtype."""
+        kv_dt = policy.kv_dtype(self.dtype)
         if not policy.compress_cache:
-            return 1.0
+            return _itemsize(kv_dt) / self.it
         c, cq = self.cfg, policy.cache_quant
         S = max(cq.group_size, self.wl.prompt_len + self.wl.gen_len)
         shape = (S, c.num_kv_heads, c.head_dim)
         dense = math.prod(shape) * self.it
-        keys = quantized_nbytes(shape, self.dtype, cq.key(token_dim=0, head_dim=-1))
-        vals = quantized_nbytes(shape, self.dtype, cq.value(-1))
+        keys = quantized_nbytes(shape, kv_dt, cq.key(token_dim=0, head_dim=-1))
+        vals = quantized_nbytes(shape, kv_dt, cq.value(-1))
         return (keys + vals) / (2 * dense)
 
     # ------------------------------------------------------------- one pass
@@ -242,6 +244,8 @@ class CostModel:
             compute = compute + (n_w * W / comp.elementwise_Bps) * (var("w_cpu") + var("w_disk"))
         if policy.compress_cache:
             compute = compute + K * prefix / comp.dequant_Bps
+        elif policy.kv_dtype(self.dtype) != self.dtype:   # a narrower cache is cast for attention
+            compute = compute + K * (prefix + new) / comp.elementwise_Bps
 
         disk = (n_w * W * rw / p.disk_read_Bps) * var("w_disk") \
             + (K * rc * (prefix / p.disk_read_Bps + new / p.disk_write_Bps)) * var("c_disk")

@@ -9,9 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+import torch
+
 from ..errors import InvalidRequestError
 from ..quant import WEIGHT_QUANT, KVQuantConfig, QuantConfig
 from ..schedule import SCHEDULES
+
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class Policy:
     compress_cache: bool = False  # group-wise n-bit KV cache, on every tier
     weight_quant: QuantConfig = WEIGHT_QUANT
     cache_quant: KVQuantConfig = KVQuantConfig()
+    # precision the KV cache is stored at, on every tier (None: the compute dtype);
+    # "bfloat16" halves a float32 run's cache bytes, and attention reads it back cast
+    cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
@@ -44,6 +52,9 @@ class Policy:
         if self.act_gpu_percent + self.act_cpu_percent < 100 - 1e-9:
             raise InvalidRequestError("activations live on the compute device or the host: "
                                       "act_gpu_percent + act_cpu_percent must be 100")
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise InvalidRequestError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, "
+                                      f"got {self.cache_dtype!r}")
         if self.schedule not in SCHEDULES:
             raise InvalidRequestError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
@@ -66,6 +77,10 @@ class Policy:
         g = getattr(self, f"{kind}_gpu_percent") / 100
         c = getattr(self, f"{kind}_cpu_percent") / 100
         return g, c, max(0.0, 1.0 - g - c)
+
+    def kv_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The KV cache's stored dtype for a run computing in ``compute``."""
+        return compute if self.cache_dtype is None else CACHE_DTYPES[self.cache_dtype]
 
     @property
     def block_size(self) -> int:
