@@ -150,7 +150,7 @@ def private_copy(src: str, dst: Path) -> str:
 def run_probe(a: argparse.Namespace, rows: list[int]) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "roofline.py"), "--probe", "--model-dir", a.model_dir,
            "--batches", *map(str, rows), "--prompt-len", str(a.prompt_len),
-           "--disk-bytes", str(a.probe_disk_bytes)]
+           "--disk-bytes", str(a.probe_disk_bytes), "--dtypes", "bfloat16", "float32"]
     quiet = wait_quiet(a)
     r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir], cwd=str(ROOT))
     res = last_json(r.stdout)
@@ -159,17 +159,19 @@ def run_probe(a: argparse.Namespace, rows: list[int]) -> dict[str, Any]:
             "stderr_tail": None if res else tail(r.stderr)}
 
 
-def run_accelerate(a: argparse.Namespace, batch: int) -> dict[str, Any]:
+def run_accelerate(a: argparse.Namespace, batch: int, dtype: str = "bfloat16") -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "run_accelerate.py"), "--model-dir", a.model_dir,
            "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len),
-           "--cpu-mem", str(a.acc_cpu_mem), "--offload-dir", str(Path(a.offload_dir) / "accelerate")]
+           "--cpu-mem", str(a.acc_cpu_mem), "--offload-dir", str(Path(a.offload_dir) / "accelerate"),
+           "--dtype", dtype]
     quiet = wait_quiet(a)
     r = run_capped(cmd, a.mem_cap, a.timeout, evict=[a.model_dir, a.offload_dir], cwd=str(ROOT))
     res = last_json(r.stdout)
     status = "ok" if (r.returncode == 0 and res) else (
         "oom" if r.oom_killed else "timeout" if r.timed_out else "failed")
-    print(f"[accelerate b={batch}] {status}, {r.wall_s:.0f} s", file=sys.stderr)
-    return {"system": "accelerate", "batch": batch, "policy": f"max_memory cpu={a.acc_cpu_mem}, rest disk",
+    print(f"[accelerate b={batch} {dtype}] {status}, {r.wall_s:.0f} s", file=sys.stderr)
+    return {"system": "accelerate", "batch": batch,
+            "policy": f"{dtype}, max_memory cpu={a.acc_cpu_mem}, rest disk",
             "status": status, "command": cmd, "quiet": quiet, "capped": capped_entry(r), "result": res,
             "stderr_tail": None if status == "ok" else tail(r.stderr)}
 
@@ -225,6 +227,11 @@ def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict
     W = shape.weight_bytes(2, cfg.get("max_position_embeddings", 2048))
     bw = probe["disk_GBps"] * 1e9
     dec, pre = probe["matmul_decode"], probe["matmul_prefill"]
+
+    def rates(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The matmul tables at the dtype that run computed in."""
+        sfx = "" if run["result"].get("dtype", "bfloat16") == "bfloat16" else f"_{run['result']['dtype']}"
+        return probe.get(f"matmul_decode{sfx}", dec), probe.get(f"matmul_prefill{sfx}", pre)
     runtime = probe.get("process_rss_bytes", 0)
     P, G = a.prompt_len, a.gen_len
     ctx = P + G // 2
@@ -255,9 +262,11 @@ def build_roofline(a: argparse.Namespace, probe: dict[str, Any], runs: list[dict
             # rows, KV-cache prefixes): prefill plus gen_len - 1 decode steps = gen_len passes
             links = r["result"].get("links", {})
             disk = float(links.get("disk->gpu", 0) + links.get("disk->cpu", 0)) / max(1, G)
-        d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(dec, mb))
-        t = rl.total_roofline(shape, B, P, G, disk, bw, rate_at(dec, mb), rate_at(pre, mb))
-        r["roofline"] = {"disk_bytes": disk, "decode_tok_s": d["decode_tok_s"], "step_s": d["step_s"],
+        rdec, rpre = rates(r)
+        d = rl.decode_roofline(shape, B, ctx, disk, bw, rate_at(rdec, mb))
+        t = rl.total_roofline(shape, B, P, G, disk, bw, rate_at(rdec, mb), rate_at(rpre, mb))
+        r["roofline"] = {"disk_bytes": disk, "gflops_decode": rate_at(rdec, mb),
+                         "decode_tok_s": d["decode_tok_s"], "step_s": d["step_s"],
                          "bound": d["bound"], "total_tok_s": t["total_tok_s"],
                          "decode_efficiency": r["result"]["decode_tok_s"] / d["decode_tok_s"]}
     return {"weight_bytes": W, "disk_GBps": probe["disk_GBps"], "runtime_rss_bytes": runtime,
@@ -332,6 +341,25 @@ def report(data: dict[str, Any]) -> str:
                    + " GFLOP/s (effective over a whole step: layers + LM head); prefill "
                    + ", ".join(f"{v['rows']} rows {v['GFLOPs']:.1f}" for v in p["matmul_prefill"].values())
                    + " GFLOP/s")
+        if "matmul_decode_float32" in p:
+            out.append("float32 matmul at "
+                       + ", ".join(f"{k} rows {v['GFLOPs']:.1f}" for k, v in p["matmul_decode_float32"].items())
+                       + " GFLOP/s; prefill "
+                       + ", ".join(f"{v['rows']} rows {v['GFLOPs']:.1f}"
+                                   for v in p["matmul_prefill_float32"].values()) + " GFLOP/s")
+        out.append("")
+        out.append("Per run, step = max(disk bytes that run read per pass / disk bandwidth, step FLOPs / "
+                   "matmul rate at its dtype and micro-batch rows):")
+        out.append("")
+        out.append("| system | batch | measured decode step s | roofline step s | bound | measured / roofline |")
+        out.append("|---|---|---|---|---|---|")
+        for r in data["runs"]:
+            if "roofline" not in r:
+                continue
+            res, rf = r["result"], r["roofline"]
+            meas = r["batch"] / res["decode_tok_s"]
+            out.append(f"| {r['system']} | {r['batch']} ({r['policy']}) | {meas:.2f} | {rf['step_s']:.2f} | "
+                       f"{rf['bound']} | {meas / rf['step_s']:.2f}x |")
         out.append("")
         out.append(f"Roofline per decode step (context {roof['decode_ctx']}), "
                    f"step = max(disk bytes / {roof['disk_GBps']:.2f} GB/s, FLOPs / matmul rate):")
@@ -373,6 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     choices=["accelerate", "tiergen"])
     ap.add_argument("--acc-batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--acc-cpu-mem", default="1GiB", help="Accelerate max_memory['cpu']")
+    ap.add_argument("--acc-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float32"],
+                    help="Accelerate's compute (and offload) dtypes to run, each at every batch")
     ap.add_argument("--tiergen-batches", nargs="+", default=["1x1", "8x1", "32x1"],
                     help="gpu_batch_size x num_gpu_batches, e.g. 16x2")
     ap.add_argument("--tiergen-percent", type=float, nargs=6, default=[0, 35, 0, 100, 0, 100],
@@ -454,7 +484,7 @@ def run_all(a: argparse.Namespace, t_all: float, source_dir: str, holders: dict[
     tiergen_missing = False
     for rep in range(a.repeat):
         if "accelerate" in a.systems:
-            runs += [dict(run_accelerate(a, b), repeat=rep) for b in a.acc_batches]
+            runs += [dict(run_accelerate(a, b, dt), repeat=rep) for dt in a.acc_dtypes for b in a.acc_batches]
         if "tiergen" in a.systems and not tiergen_missing:
             for spec in a.tiergen_batches:
                 r = dict(run_tiergen(a, spec), repeat=rep)

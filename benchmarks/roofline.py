@@ -1,4 +1,4 @@
-"""Roofline inputs (disk read bandwidth, bf16 matmul rate) and the roofline.
+"""Roofline inputs (disk read bandwidth, matmul rates) and the roofline.
 
 Measured inside the same memory cap as the systems under test (the
 orchestrator runs ``python benchmarks/roofline.py --probe ...`` via
@@ -8,8 +8,9 @@ orchestrator runs ``python benchmarks/roofline.py --probe ...`` via
   bypassed) into a page-aligned buffer with ``os.preadv``, one stream and
   several concurrent streams; plus a buffered read after evicting the file,
   which is the path mmap/safetensors loaders take;
-* compute: ``F.linear`` in bf16 at one OPT layer's shapes (q, k, v, out,
-  fc1, fc2) and the LM head, for each decode batch size, and at prefill size.
+* compute: ``F.linear`` in bf16 (and float32 with ``--dtypes``) at one OPT
+  layer's shapes (q, k, v, out, fc1, fc2) and the LM head, for each decode
+  batch size, and at prefill size.
 
 The roofline for one decode step of a block of B sequences is
 ``max(disk_bytes / disk_bw, flops / matmul_rate)``: no schedule can stream
@@ -152,8 +153,8 @@ class Shape:
 
 
 def matmul_rate(shape: Shape, rows: int, head_rows: int, min_time: float = 0.5,
-                threads: int = 0) -> dict[str, float]:
-    """bf16 matmul rate of one model step on ``rows`` tokens: one layer's six
+                threads: int = 0, dtype: str = "bfloat16") -> dict[str, float]:
+    """Matmul rate (bf16 by default) of one model step on ``rows`` tokens: one layer's six
     matmuls (timed, times the layer count) plus the LM head on ``head_rows``
     tokens (decode: every token; prefill: the last token of each sequence).
     GFLOPs is the effective rate, step FLOPs / step matmul time."""
@@ -162,10 +163,11 @@ def matmul_rate(shape: Shape, rows: int, head_rows: int, min_time: float = 0.5,
     if threads:
         torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    ws = [(torch.randn(o, i, generator=g) * 0.02).to(torch.bfloat16) for i, o in shape.layer_matmuls()]
-    xs = {i: torch.randn(rows, i, generator=g).to(torch.bfloat16) for i, _ in shape.layer_matmuls()}
-    head = (torch.randn(shape.vocab, shape.hidden, generator=g) * 0.02).to(torch.bfloat16)
-    xh = torch.randn(head_rows, shape.hidden, generator=g).to(torch.bfloat16)
+    dt = getattr(torch, dtype)
+    ws = [(torch.randn(o, i, generator=g) * 0.02).to(dt) for i, o in shape.layer_matmuls()]
+    xs = {i: torch.randn(rows, i, generator=g).to(dt) for i, _ in shape.layer_matmuls()}
+    head = (torch.randn(shape.vocab, shape.hidden, generator=g) * 0.02).to(dt)
+    xh = torch.randn(head_rows, shape.hidden, generator=g).to(dt)
 
     def timed(fn) -> float:
         fn()  # warm-up (thread pool, kernels)
@@ -188,7 +190,7 @@ def matmul_rate(shape: Shape, rows: int, head_rows: int, min_time: float = 0.5,
 
 
 def probe(model_dir: str, batches: list[int], prompt_len: int, disk_bytes: int,
-          streams: list[int]) -> dict[str, object]:
+          streams: list[int], dtypes: tuple[str, ...] = ("bfloat16",)) -> dict[str, object]:
     """Everything the roofline needs, measured here and now."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     shape = Shape.from_config(cfg)
@@ -201,11 +203,14 @@ def probe(model_dir: str, batches: list[int], prompt_len: int, disk_bytes: int,
     out["disk_GBps"] = max(d["GBps"] for d in direct)
     import torch
     base_rss = _rss()
-    out["matmul_decode"] = {str(b): matmul_rate(shape, b, b) for b in batches}
-    # prefill: B*P rows through the layers (capped at 2048 rows: the rate has
-    # saturated by then), LM head on the last token only
-    out["matmul_prefill"] = {str(b): matmul_rate(shape, min(b * prompt_len, 2048), b, min_time=0.3)
-                             for b in batches}
+    for dtype in dtypes:
+        # keys without a suffix are bf16 (what older result files hold)
+        sfx = "" if dtype == "bfloat16" else f"_{dtype}"
+        out[f"matmul_decode{sfx}"] = {str(b): matmul_rate(shape, b, b, dtype=dtype) for b in batches}
+        # prefill: B*P rows through the layers (capped at 2048 rows: the rate has
+        # saturated by then), LM head on the last token only
+        out[f"matmul_prefill{sfx}"] = {str(b): matmul_rate(shape, min(b * prompt_len, 2048), b, min_time=0.3,
+                                                           dtype=dtype) for b in batches}
     out["process_rss_bytes"] = base_rss
     out["torch"] = torch.__version__
     return out
@@ -258,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--disk-bytes", type=float, default=4e9, help="read at most this much per test")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float32"])
     a = ap.parse_args(argv)
-    print(json.dumps(probe(a.model_dir, a.batches, a.prompt_len, int(a.disk_bytes), a.streams)))
+    print(json.dumps(probe(a.model_dir, a.batches, a.prompt_len, int(a.disk_bytes), a.streams,
+                           tuple(a.dtypes))))
     return 0
 
 

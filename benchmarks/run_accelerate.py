@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--offload-dir", default="/tmp/tiergen-bench/accelerate-offload")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="compute and offload dtype (float32 doubles the bytes read back from disk)")
     ap.add_argument("--no-warmup", action="store_true")
     a = ap.parse_args(argv)
     if a.gen_len < 2:
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        a.model_dir, dtype=torch.bfloat16, device_map="auto",
+        a.model_dir, dtype=getattr(torch, a.dtype), device_map="auto",
         max_memory={"cpu": cpu_mem}, offload_folder=a.offload_dir)
     model.eval()
     load_s = time.perf_counter() - t0
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [b - a_ for a_, b in zip(timer.times, timer.times[1:])]
     B, P, G = a.batch, a.prompt_len, a.gen_len
     print(json.dumps({
-        "system": "accelerate", "batch": B, "prompt_len": P, "gen_len": G,
+        "system": "accelerate", "batch": B, "dtype": a.dtype, "prompt_len": P, "gen_len": G,
         "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4), "total_s": round(total_s, 4),
         "gen_tokens": B * G,
         "prefill_tok_s": B * P / prefill_s,

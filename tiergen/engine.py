@@ -12,6 +12,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
+from . import host_heap
 from .kv_cache import KVCache, Runtime
 from .models.attention import build_mask
 from .models.base import Model, StepContext, Weights, row_chunks
@@ -121,6 +122,7 @@ class Engine:
                 acts[k].put(out)
             elif step.op == "release_weight":
                 self.weights.release(j)
+                host_heap.release_if_grown()   # a layer's worth of freed buffers
         for mb, x in zip(mbs, ids):
             mb.col += x.shape[1]
         return [a.take() for a in acts]

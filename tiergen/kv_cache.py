@@ -40,6 +40,7 @@ class Runtime:
     kv_peak: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("gpu", "cpu", "disk"), 0))
     kv_dense_peak: int = 0
     kv_dense_current: int = 0
+    cast_scratch: "CastScratch" = field(default_factory=lambda: CastScratch())
 
     def kv_add(self, homes: dict[str, int], dense: int) -> None:
         for t, n in homes.items():
@@ -52,6 +53,29 @@ class Runtime:
     def host_compute(self) -> bool:
         """No GPU: host memory is the compute memory."""
         return self.device.type != "cuda"
+
+
+class CastScratch:
+    """Reused buffers that a cache stored narrower than the compute dtype is cast into for
+    attention, one per shape and field: on the host, a fresh buffer per layer and
+    micro-batch would fault its pages in every time (that cost 4x the copy itself)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+    def cast(self, t: torch.Tensor, dtype: torch.dtype, dim: int, capacity: int, slot: str) -> torch.Tensor:
+        """``t`` at ``dtype``; on the host, in a buffer with room for ``capacity`` along ``dim``."""
+        if t.dtype == dtype:
+            return t
+        if t.device.type != "cpu":
+            return t.to(dtype)       # a GPU's caching allocator already reuses memory
+        shape = list(t.shape)
+        shape[dim] = max(capacity, t.shape[dim])
+        key = (slot, tuple(shape), dtype)
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = self.bufs[key] = torch.empty(shape, dtype=dtype)
+        return buf.narrow(dim, 0, t.shape[dim]).copy_(t)
 
 
 @dataclass
@@ -177,7 +201,9 @@ class LayerCache:
             qp, kp, vp, mp = q[r], k[r], v[r], ctx.mask[r]
             if p.head_major:
                 p.k[:, :, start:end], p.v[:, :, start:end] = kp, vp
-                outs.append(attention(qp, _as(qp, p.k[:, :, :end]), _as(qp, p.v[:, :, :end]), mp))
+                cast = o.rt.cast_scratch.cast
+                outs.append(attention(qp, cast(p.k[:, :, :end], qp.dtype, 2, o.max_len, "k"),
+                                      cast(p.v[:, :, :end], qp.dtype, 2, o.max_len, "v"), mp))
             elif p.tier == "disk":
                 outs.append(self._attend_disk_rows(p, qp, kp, vp, mp, start, end))
             else:
@@ -190,28 +216,36 @@ class LayerCache:
         tk, tv = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)    # -> token-major
         if p.tier == "gpu":
             p.codec.write(p.home, start, tk, tv)
-            return _attend_store(p.codec, p.home, q, mask, end)
+            return self._attend_store(p.codec, p.home, q, mask, end)
         if self._host_attn(q.shape[2]):
             if o.rt.mover.cuda:   # CPU attention beside a host cache: only q and the output cross
                 p.codec.write(p.home, start, tk.cpu(), tv.cpu())
                 o.rt.tiers.links.add("gpu->cpu", q.nbytes + 2 * tk.nbytes)
-                out = _attend_store(p.codec, p.home, q.cpu(), mask.cpu(), end)
+                out = self._attend_store(p.codec, p.home, q.cpu(), mask.cpu(), end)
                 o.rt.tiers.links.add("cpu->gpu", out.nbytes)
                 return out.to(o.rt.device)
             p.codec.write(p.home, start, tk, tv)
-            return _attend_store(p.codec, p.home, q, mask, end)
+            return self._attend_store(p.codec, p.home, q, mask, end)
         # GPU attention over a prefetched copy; the new tokens go home asynchronously
         if p.work is None:
             self.prefetch(start, end - start)
         work = p.work
         torch.cuda.current_stream().wait_event(p.work_event)
         changed = p.codec.write(work, start, tk, tv)
-        out = _attend_store(p.codec, work, q, mask, end)
+        out = self._attend_store(p.codec, work, q, mask, end)
         for name, (a, b) in changed.items():
             if b > a:
                 o.rt.mover.to_host(work[name][a:b], p.home[name][a:b], "gpu->cpu")
         self._release(p)
         return out
+
+    def _attend_store(self, codec: Codec, store: Store, q: torch.Tensor, mask: torch.Tensor,
+                      end: int) -> torch.Tensor:
+        """Attention over a store's first ``end`` tokens, read back at the query's dtype."""
+        k, v = codec.read(store, end)
+        cast = self.owner.rt.cast_scratch.cast
+        cap = self.owner.max_len
+        return attention(q, _hm(cast(k, q.dtype, 0, cap, "k")), _hm(cast(v, q.dtype, 0, cap, "v")), mask)
 
     def _attend_disk_rows(self, p: Part, q, k, v, mask, start: int, end: int) -> torch.Tensor:
         o = self.owner
@@ -221,7 +255,7 @@ class LayerCache:
         tk, tv = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)
         changed = p.codec.write(host, start, tk.to("cpu"), tv.to("cpu"))
         if p.on_host:
-            out = _attend_store(p.codec, host, q.to("cpu"), mask.to("cpu"), end).to(o.rt.device)
+            out = self._attend_store(p.codec, host, q.to("cpu"), mask.to("cpu"), end).to(o.rt.device)
             if o.rt.mover.cuda:
                 o.rt.tiers.links.add("gpu->cpu", q.nbytes)
         else:   # move the (compressed) prefix, dequantize and attend on the GPU
@@ -229,7 +263,7 @@ class LayerCache:
             for name, t in host.items():
                 dev[name], _ = o.rt.mover.to_compute(t[:p.codec.read_units(name, end)], "cpu->gpu")
             torch.cuda.current_stream().wait_stream(o.rt.mover.load_stream)
-            out = _attend_store(p.codec, dev, q, mask, end)
+            out = self._attend_store(p.codec, dev, q, mask, end)
         base = o.layer_offset(self.j)
 
         def write(host: Store = host) -> None:
@@ -246,14 +280,6 @@ class LayerCache:
         return out
 
 
-def _attend_store(codec: Codec, store: Store, q: torch.Tensor, mask: torch.Tensor, end: int) -> torch.Tensor:
-    k, v = codec.read(store, end)
-    return attention(q, _as(q, _hm(k)), _as(q, _hm(v)), mask)
-
-
-def _as(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Cached keys/values at the query's dtype (a cache may be stored narrower)."""
-    return t if t.dtype == q.dtype else t.to(q.dtype)
 
 
 def _copy_prefix(codec: Codec, src: Store, dst: Store, tokens: int) -> int:
