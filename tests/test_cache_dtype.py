@@ -154,3 +154,16 @@ def test_cli_cache_dtype_flag(hf_model_dirs, capsys):
     assert r["policy"]["cache_dtype"] == "bfloat16"
     # k and v x 3 layers x 2 rows x 6 columns x 64 (heads x head_dim) x 2 bytes of bfloat16
     assert r["kv_cache_uncompressed"] == 2 * 3 * 2 * 6 * 64 * 2
+
+
+def test_host_cast_scratch_is_reused(hf_model_dirs, tmp_path):
+    """A bf16 cache is cast for attention into one buffer per shape and field, not a new one
+    per layer, micro-batch and step."""
+    _, path = hf_model_dirs("opt")
+    llm = LLM(path, dtype="float32", policy=P([100, 0, 50, 50, 100, 0], **BF16), offload_dir=str(tmp_path))
+    llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
+    bufs = dict(llm.runtime.cast_scratch.bufs)
+    llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
+    assert bufs and llm.runtime.cast_scratch.bufs.keys() == bufs.keys()
+    assert all(llm.runtime.cast_scratch.bufs[k] is b for k, b in bufs.items())
+    assert all(b.dtype == torch.float32 for b in bufs.values())

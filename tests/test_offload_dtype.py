@@ -127,3 +127,17 @@ def test_cost_model_streams_offloaded_weights_at_their_dtype():
     assert narrow.weight_ratio(disk_heavy) == 0.5 and wide.weight_ratio(disk_heavy) == 1.0
     assert narrow.memory(disk_heavy)["disk"] < 0.51 * wide.memory(disk_heavy)["disk"]
     assert narrow.predict(disk_heavy).throughput > wide.predict(disk_heavy).throughput
+
+
+def test_host_casts_reuse_their_buffers(bf16_dirs, tmp_path):
+    """Without a GPU the float32 copies of bf16-stored weights go into pooled buffers:
+    one group's worth, reused by every layer and every pass instead of allocated anew."""
+    path, ref_tokens, ref_scores = bf16_dirs("llama_gqa")
+    llm = LLM(path, dtype="float32", policy=PLACEMENTS["w-disk"], offload_dir=str(tmp_path))
+    counts = []
+    for _ in range(2):
+        assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)] == ref_tokens
+        counts.append(sum(len(v) for v in llm.weights.cast_pool.free_lists.values()))
+    per_layer = sum(1 for h in llm.weights.homes[0].values() if h.dtype == torch.bfloat16)
+    assert 0 < counts[0] == counts[1] <= per_layer + 1     # a layer's casts, or the head's
+    llm.close()

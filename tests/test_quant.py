@@ -239,3 +239,15 @@ def test_weight_default_reproduces_q4_1_blocks() -> None:
     q[..., 0], q[..., 1] = 0, 15
     w = (d * q + m).reshape(8, 128)
     assert torch.allclose(dequantize(quantize(w, WEIGHT_QUANT)), w, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,group_dim", [((37, 100), -1), ((300, 64), -1), ((5, 7, 33), -1), ((64, 40), 0)])
+@pytest.mark.parametrize("bits", [4, 3, 8])
+def test_dequantize_into_matches_dequantize(shape, group_dim, bits):
+    from tiergen.quant import dequantize_into
+    x = torch.randn(shape)
+    q = quantize(x, QuantConfig(bits=bits, group_size=32, group_dim=group_dim))
+    out = torch.full(shape, float("nan"))
+    got = dequantize_into(q, out, chunk_bytes=1024)   # many small row chunks
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, dequantize(q, torch.float32))

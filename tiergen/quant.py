@@ -374,6 +374,22 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return x.contiguous().reshape(q.shape)
 
 
+def dequantize_into(q: QTensor, out: torch.Tensor, chunk_bytes: int = 4 << 20) -> torch.Tensor:
+    """``dequantize(q)`` written into ``out`` (q's shape, out's dtype). With groups along the
+    last dim it goes a few rows at a time, so its temporaries stay small enough for the
+    allocator to reuse instead of faulting in fresh pages for a whole tensor."""
+    shape = tuple(q.shape)
+    if len(shape) < 2 or _norm_dim(q.cfg.group_dim, len(shape)) != len(shape) - 1:
+        return out.copy_(dequantize(q, out.dtype))
+    rows = max(1, chunk_bytes // (math.prod(shape[1:]) * out.element_size()))
+    for r in range(0, shape[0], rows):
+        n = min(rows, shape[0] - r)
+        part = QTensor(q.data[r:r + n], q.mins[r:r + n], q.scales[r:r + n], torch.Size((n,) + shape[1:]),
+                       q.dtype, q.cfg)
+        out[r:r + n].copy_(dequantize(part, out.dtype))
+    return out
+
+
 # ---------------------------------------------------------------- blobs
 # A QTensor as one flat uint8 tensor: data, mins and scales at 64-byte aligned
 # offsets. Tiers store and move a blob like any other tensor (one copy, one disk

@@ -28,7 +28,7 @@ import torch
 from ..disk import IOPool, OffloadDir, aligned_empty
 from ..errors import CheckpointError
 from ..models.base import Model, Weights
-from ..quant import QuantConfig, blob_nbytes, dequantize, from_blob, quantize, to_blob
+from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_blob, quantize, to_blob
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
 from .source import ModelSource
@@ -298,16 +298,17 @@ class TieredWeights:
         def run(out: Weights, pooled: list[torch.Tensor]) -> int:
             dense = 0
             for k, h in todo.items():
-                if h.quant is not None:
-                    out[k] = dequantize(from_blob(out[k], h.shape, h.dtype, h.quant), self.dtype)
-                elif self.mover.cuda:
-                    out[k] = out[k].to(self.dtype)
-                else:
-                    # into a reused host buffer: faulting in fresh pages for every cast cost
-                    # 4x the copy itself (bf16 -> float32, 200 MB: 51 vs 13 ms here)
-                    buf = self.cast_pool.take(math.prod(h.shape) * self.dtype.itemsize)
-                    pooled.append(buf)
-                    out[k] = buf.view(self.dtype).view(h.shape).copy_(out[k])
+                src = from_blob(out[k], h.shape, h.dtype, h.quant) if h.quant is not None else out[k]
+                if self.mover.cuda:
+                    out[k] = dequantize(src, self.dtype) if h.quant is not None else src.to(self.dtype)
+                    dense += out[k].nbytes
+                    continue
+                # into a reused host buffer: faulting in fresh pages for every copy cost
+                # 4x the copy itself (bf16 -> float32, 200 MB: 51 vs 13 ms here)
+                buf = self.cast_pool.take(math.prod(h.shape) * self.dtype.itemsize)
+                pooled.append(buf)
+                dst = buf.view(self.dtype).view(h.shape)
+                out[k] = dequantize_into(src, dst) if h.quant is not None else dst.copy_(src)
                 dense += out[k].nbytes
             self.tiers.gpu.alloc(dense, f"dequantized weights of {g}")
             return dense
