@@ -25,3 +25,17 @@ def assert_same_output(llm: LLM, prompts: list[list[int]], params: SamplingParam
     for tier in rep["tiers"].values():
         assert tier["peak"] <= tier["budget"]
     return rep
+
+
+def resident_references(hf_model_dirs, prompts: list[list[int]], params: SamplingParams):
+    """``get(name, **policy_fields)`` -> (path, tokens, scores) of that model's fully resident
+    run with those policy fields (compression, cache dtype), computed once per key."""
+    cache: dict = {}
+
+    def get(name: str, **kw):
+        key = (name, tuple(sorted(kw.items())))
+        if key not in cache:
+            _, path = hf_model_dirs(name)
+            cache[key] = (path, *reference(path, prompts, params, policy=P([100, 0, 100, 0, 100, 0], **kw)))
+        return cache[key]
+    return get

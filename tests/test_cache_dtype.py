@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from checks import P, assert_same_output, reference
+from checks import P, assert_same_output, resident_references
 from test_parity import PROMPT
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.errors import InvalidRequestError
@@ -70,15 +70,7 @@ PLACEMENTS = {
 
 @pytest.fixture(scope="module")
 def refs(hf_model_dirs):
-    cache = {}
-
-    def get(name, **pol):
-        key = (name, tuple(sorted(pol.items())))
-        if key not in cache:
-            _, path = hf_model_dirs(name)
-            cache[key] = (path, *reference(path, PROMPTS, PARAMS, policy=P([100, 0, 100, 0, 100, 0], **pol)))
-        return cache[key]
-    return get
+    return resident_references(hf_model_dirs, PROMPTS, PARAMS)
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from checks import P, assert_same_output, reference
+from checks import P, assert_same_output, resident_references
 from test_parity import PROMPT, hf_step_logits, our_step_logits
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.kv_codec import DenseCodec, QuantCodec, empty_store, nbytes
@@ -69,15 +69,7 @@ WEIGHT_GRID = {
 
 @pytest.fixture(scope="module")
 def compressed_resident(hf_model_dirs):
-    cache = {}
-
-    def get(name, **kw):
-        key = (name, tuple(sorted(kw.items())))
-        if key not in cache:
-            _, path = hf_model_dirs(name)
-            cache[key] = (path, *reference(path, PROMPTS, PARAMS, policy=P([100, 0, 100, 0, 100, 0], **kw)))
-        return cache[key]
-    return get
+    return resident_references(hf_model_dirs, PROMPTS, PARAMS)
 
 
 @pytest.mark.parametrize("policy", list(WEIGHT_GRID))
@@ -169,8 +161,9 @@ def test_weights_are_dequantized_once_per_block(hf_model_dirs, tmp_path, monkeyp
               offload_dir=str(tmp_path))
     per_pass = sum(1 for homes in llm.weights.homes.values() for h in homes.values() if h.quant is not None)
     calls = []
-    real = tiered.dequantize
-    monkeypatch.setattr(tiered, "dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("dequantize", "dequantize_into"):   # the GPU's path and the host's
+        real = getattr(tiered, name)
+        monkeypatch.setattr(tiered, name, lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
     steps = 5
     llm.generate(prompt_token_ids=PROMPTS, params=SamplingParams(max_new_tokens=steps, ignore_eos=True))
     assert len(calls) == per_pass * steps    # two micro-batches, yet one dequantize per weight per pass

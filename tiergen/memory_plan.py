@@ -2,7 +2,7 @@
 
 weight_demand: the weights' homes plus the compute-side buffers that streamed
 layers pass through (two layers in flight when overlapping). block_demand: one
-block's KV cache homes, the working buffers of host/disk cache rows, the
+block's KV cache homes, the working buffers of host/disk cache rows (CACHE_LOOKAHEAD prefetched), the
 activations, and the largest transient of a forward pass (prefill attention
 scores, the MLP intermediate or the logits).
 """
@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .kv_cache import cache_bytes
 from .models.base import Model
 from .policy import Policy, split_rows
+from .schedule import CACHE_LOOKAHEAD
 from .weights.tiered import placement_bytes
 
 
@@ -44,8 +45,10 @@ def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: t
     homes = cache_bytes(cfg, rows, max_len, kv_dt, policy.shares("cache"), quant)
     g, c, d = split_rows(rows, policy.shares("cache"))
     streamed_rows = d + (c if device.type == "cuda" and not policy.cpu_attention else 0)
-    # two layer-prefixes (current and prefetched micro-batch), as stored
-    work = 2 * cache_bytes(cfg, streamed_rows, max_len, kv_dt, (1.0, 0.0, 0.0), quant)["gpu"] // cfg.num_layers
+    # the current micro-batch's layer-prefix and, with overlap, the ones prefetched ahead, as stored
+    in_flight = 1 + (min(CACHE_LOOKAHEAD, cfg.num_layers * num_micro_batches) if policy.overlap else 0)
+    work = in_flight * cache_bytes(cfg, streamed_rows, max_len, kv_dt, (1.0, 0.0, 0.0), quant)["gpu"] \
+        // cfg.num_layers
     # a compressed cache, or one stored narrower, is read back per micro-batch for attention
     dense_kv = 2 * rows * max_len * cfg.num_kv_heads * cfg.head_dim * it if quant or kv_dt != dtype else 0
     ag, ac, _ = split_rows(rows, policy.shares("act"))

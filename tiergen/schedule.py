@@ -6,14 +6,20 @@ The compute order is either
   row:    each micro-batch through all layers before the next one (what
           Accelerate/DeepSpeed offloading does), kept as the baseline.
 Loads are placed around the computes: with overlap, the next layer's weights
-are requested when the current layer starts and the next micro-batch's cache
-one compute ahead, so I/O runs while the current step computes; without
+are requested when the current layer starts and each micro-batch's cache
+CACHE_LOOKAHEAD computes ahead, so I/O runs while the current step computes; without
 overlap each load sits right before the compute that needs it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Iterator
+
+
+# With overlap, a micro-batch's cache is requested this many computes before it is needed:
+# one ahead left a disk-homed cache's reads queued behind the next layer's weights, and
+# decode waited for them (OPT-1.3B 48x4: 0.85 s of a 2.5 s step).
+CACHE_LOOKAHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,15 @@ def plan(schedule: str, num_layers: int, num_micro_batches: int, overlap: bool) 
             nxt = order[i].layer
     steps: list[Step] = []
     if overlap and order:
-        steps += [Step("load_weight", order[0].layer), Step("load_cache", order[0].layer, order[0].micro_batch)]
+        steps.append(Step("load_weight", order[0].layer))
+        steps += [Step("load_cache", c.layer, c.micro_batch) for c in order[:CACHE_LOOKAHEAD]]
     for i, s in enumerate(order):
         if overlap:
             if run_start[i] and next_run[i] is not None:
                 steps.append(Step("load_weight", next_run[i]))
-            if i + 1 < len(order):
-                steps.append(Step("load_cache", order[i + 1].layer, order[i + 1].micro_batch))
+            if i + CACHE_LOOKAHEAD < len(order):
+                c = order[i + CACHE_LOOKAHEAD]
+                steps.append(Step("load_cache", c.layer, c.micro_batch))
         else:
             if run_start[i]:
                 steps.append(Step("load_weight", s.layer))
