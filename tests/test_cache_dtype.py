@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from checks import P, assert_same_output, resident_references
-from test_parity import PROMPT
+from test_parity import PROMPT, our_step_logits
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.errors import InvalidRequestError
 from tiergen.memory_plan import block_demand
@@ -30,31 +30,25 @@ def hf_rounded_logits(hf, ids: list[int], steps: int):
     with torch.no_grad():
         out = hf(x, past_key_values=RoundedCache(config=hf.config), use_cache=True)
         prefill, cache = out.logits[0], out.past_key_values
-        logits, tokens = [prefill[-1]], []
+        logits = [prefill[-1]]
         for _ in range(steps - 1):
             tok = logits[-1].argmax()
-            tokens.append(int(tok))
             out = hf(tok.view(1, 1), past_key_values=cache, use_cache=True)
             logits.append(out.logits[0, -1])
     return prefill, logits
-
-
-def our_logits(llm: LLM, ids: list[int], steps: int):
-    from test_parity import our_step_logits
-    return our_step_logits(llm, ids, steps)
 
 
 @pytest.mark.parametrize("name", ["opt", "llama_gqa", "qwen2"])
 def test_bf16_cache_matches_transformers_with_a_rounded_cache(name, hf_model_dirs, device):
     hf, path = hf_model_dirs(name)
     llm = LLM(path, dtype="float32", device=device, policy=Policy(**BF16))
-    ours_prefill, ours = our_logits(llm, PROMPT, 12)
+    ours_prefill, ours = our_step_logits(llm, PROMPT, 12)
     ref_prefill, ref = hf_rounded_logits(hf, PROMPT, 12)
     assert (ours_prefill.cpu() - ref_prefill).abs().max() <= 1e-4
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert (a.cpu() - b).abs().max() <= 1e-4, f"decode step {i}"
     # and the rounding is real: the float32 cache gives measurably different logits
-    full_prefill, _ = our_logits(LLM(path, dtype="float32", device=device), PROMPT, 1)
+    full_prefill, _ = our_step_logits(LLM(path, dtype="float32", device=device), PROMPT, 1)
     assert (ours_prefill - full_prefill).abs().max() > 1e-4
 
 
@@ -149,8 +143,8 @@ def test_cli_cache_dtype_flag(hf_model_dirs, capsys):
 
 
 def test_host_cast_scratch_is_reused(hf_model_dirs, tmp_path):
-    """A bf16 cache is cast for attention into one buffer per shape and field, not a new one
-    per layer, micro-batch and step."""
+    """A bf16 cache is cast for attention into one buffer per field, not a new one per layer,
+    micro-batch, step or block width."""
     _, path = hf_model_dirs("opt")
     llm = LLM(path, dtype="float32", policy=P([100, 0, 50, 50, 100, 0], **BF16), offload_dir=str(tmp_path))
     llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
@@ -159,3 +153,6 @@ def test_host_cast_scratch_is_reused(hf_model_dirs, tmp_path):
     assert bufs and llm.runtime.cast_scratch.bufs.keys() == bufs.keys()
     assert all(llm.runtime.cast_scratch.bufs[k] is b for k, b in bufs.items())
     assert all(b.dtype == torch.float32 for b in bufs.values())
+    assert set(bufs) == {("k", torch.float32), ("v", torch.float32)}
+    llm.generate(prompt_token_ids=[list(range(3, 40))] * 3, params=PARAMS)   # wider blocks
+    assert llm.runtime.cast_scratch.bufs.keys() == bufs.keys()

@@ -57,25 +57,25 @@ class Runtime:
 
 class CastScratch:
     """Reused buffers that a cache stored narrower than the compute dtype is cast into for
-    attention, one per shape and field: on the host, a fresh buffer per layer and
+    attention, one per field and dtype: on the host, a fresh buffer per layer and
     micro-batch would fault its pages in every time (that cost 4x the copy itself)."""
 
     def __init__(self) -> None:
-        self.bufs: dict[tuple, torch.Tensor] = {}
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def cast(self, t: torch.Tensor, dtype: torch.dtype, dim: int, capacity: int, slot: str) -> torch.Tensor:
-        """``t`` at ``dtype``; on the host, in a buffer with room for ``capacity`` along ``dim``."""
+        """``t`` at ``dtype``; on the host, in the ``slot`` buffer, which is grown (to room for
+        ``capacity`` along ``dim``) only when ``t`` does not fit, so a cache that gains a
+        token per step, or blocks of other widths, reuse it instead of adding buffers."""
         if t.dtype == dtype:
             return t
         if t.device.type != "cpu":
             return t.to(dtype)       # a GPU's caching allocator already reuses memory
-        shape = list(t.shape)
-        shape[dim] = max(capacity, t.shape[dim])
-        key = (slot, tuple(shape), dtype)
-        buf = self.bufs.get(key)
-        if buf is None:
-            buf = self.bufs[key] = torch.empty(shape, dtype=dtype)
-        return buf.narrow(dim, 0, t.shape[dim]).copy_(t)
+        buf = self.bufs.get((slot, dtype))
+        if buf is None or buf.numel() < t.numel():
+            room = t.numel() // max(1, t.shape[dim]) * max(capacity, t.shape[dim])
+            buf = self.bufs[(slot, dtype)] = torch.empty(room, dtype=dtype)
+        return buf[:t.numel()].view(t.shape).copy_(t)
 
 
 @dataclass
@@ -278,8 +278,6 @@ class LayerCache:
         # the buffers stay referenced by the write closure until it lands
         self._release(p)
         return out
-
-
 
 
 def _copy_prefix(codec: Codec, src: Store, dst: Store, tokens: int) -> int:

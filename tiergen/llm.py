@@ -15,6 +15,7 @@ from .kv_cache import Runtime
 from .memory_plan import block_demand, weight_demand
 from .models import get_model
 from .policy import Policy
+from .policy.policy import DTYPE_NAMES
 from .sampling import SamplingParams
 from .sequence import Output, Sequence, Stopper
 from .tiers import Tiers, parse_bytes
@@ -22,8 +23,7 @@ from .transfer import Mover
 from .weights.source import resolve
 from .weights.tiered import TieredWeights
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {**DTYPE_NAMES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Prompt = str | list[dict[str, str]]   # plain text, or chat messages
 

@@ -2,9 +2,10 @@
 
 weight_demand: the weights' homes plus the compute-side buffers that streamed
 layers pass through (two layers in flight when overlapping). block_demand: one
-block's KV cache homes, the working buffers of host/disk cache rows (CACHE_LOOKAHEAD prefetched), the
-activations, and the largest transient of a forward pass (prefill attention
-scores, the MLP intermediate or the logits).
+block's KV cache homes, the working buffers of host/disk cache rows (with
+overlap, CACHE_LOOKAHEAD of them prefetched), the activations, and the largest
+transient of a forward pass (prefill attention scores, the MLP intermediate or
+the logits).
 """
 from __future__ import annotations
 
@@ -58,8 +59,9 @@ def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: t
     logits = rows * cfg.vocab_size * 4 * 2
     K = num_micro_batches
     return {
-        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work, "KV read back for attention": dense_kv,
-                "activations": K * ag * act_row, "compute scratch": max(scores, mlp, logits)},
+        "gpu": {"KV cache": K * homes["gpu"], "KV cache working buffers": work,
+                "KV read back for attention": dense_kv, "activations": K * ag * act_row,
+                "compute scratch": max(scores, mlp, logits)},
         "cpu": {"KV cache": K * homes["cpu"], "activations": K * ac * act_row},
         "disk": {"KV cache": K * homes["disk"]},
     }

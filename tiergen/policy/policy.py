@@ -16,7 +16,8 @@ from ..quant import WEIGHT_QUANT, KVQuantConfig, QuantConfig
 from ..schedule import SCHEDULES
 
 
-CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the dtypes by their torch names (the LLM adds its short aliases)
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class Policy:
         if self.act_gpu_percent + self.act_cpu_percent < 100 - 1e-9:
             raise InvalidRequestError("activations live on the compute device or the host: "
                                       "act_gpu_percent + act_cpu_percent must be 100")
-        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
-            raise InvalidRequestError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, "
+        if self.cache_dtype is not None and self.cache_dtype not in DTYPE_NAMES:
+            raise InvalidRequestError(f"cache_dtype must be one of {', '.join(DTYPE_NAMES)}, "
                                       f"got {self.cache_dtype!r}")
         if self.schedule not in SCHEDULES:
             raise InvalidRequestError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
@@ -80,7 +81,7 @@ class Policy:
 
     def kv_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The KV cache's stored dtype for a run computing in ``compute``."""
-        return compute if self.cache_dtype is None else CACHE_DTYPES[self.cache_dtype]
+        return compute if self.cache_dtype is None else DTYPE_NAMES[self.cache_dtype]
 
     @property
     def block_size(self) -> int:
