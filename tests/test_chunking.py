@@ -1,7 +1,9 @@
-"""Row-chunked layers and LM head (the CPU path) compute what unchunked ones do."""
+"""Row-chunked layers and the vocabulary-sliced greedy head (the CPU path) compute what unchunked ones do."""
 import pytest
+import torch
 
 from tiergen import LLM, SamplingParams
+from tiergen.models.base import greedy_head
 
 PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64], [5, 6], list(range(10, 31)), [3] * 9]
 
@@ -11,8 +13,8 @@ def test_chunked_rows_match_whole(name, hf_model_dirs):
     _, path = hf_model_dirs(name)
     whole = LLM(path, dtype="float32", batch_size=4)
     chunked = LLM(path, dtype="float32", batch_size=4)
-    whole.engine.chunk_rows = whole.engine.head_rows = None
-    chunked.engine.chunk_rows, chunked.engine.head_rows = 7, 3   # ragged last chunks
+    whole.engine.chunk_rows = whole.engine.head_chunk_bytes = None
+    chunked.engine.chunk_rows, chunked.engine.head_chunk_bytes = 7, 1   # ragged last chunks, 256-id slices
     a = whole.score(token_ids=PROMPTS)
     b = chunked.score(token_ids=PROMPTS)
     for x, y in zip(a, b):
@@ -25,5 +27,25 @@ def test_chunked_rows_match_whole(name, hf_model_dirs):
 
 def test_cpu_engine_chunks_by_default():
     llm = LLM("smollm2-135m", dtype="float32")
-    assert llm.engine.chunk_rows and llm.engine.head_rows
+    assert llm.engine.chunk_rows and llm.engine.head_chunk_bytes
     assert llm.engine.chunk_rows * llm.config.ffn_dim * 4 <= 16 << 20
+
+
+class _Plain:
+    def head_features(self, w, x):
+        return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliced_greedy_head_is_argmax_of_full_logits(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = {"lm_head": torch.randn(1000, 32, generator=g).to(dtype)}   # 4 slices, the last ragged
+    w["lm_head"][700] = w["lm_head"][90]      # exact ties across slices: the lower id must win
+    w["lm_head"][999] = w["lm_head"][998]     # and within one
+    x = torch.randn(64, 32, generator=g).to(dtype)
+    x[:8] = w["lm_head"][90]                  # rows whose best is the tied pair
+    x[8:16] = w["lm_head"][998]
+    full = torch.nn.functional.linear(x, w["lm_head"]).float().argmax(-1)
+    sliced = greedy_head(_Plain(), w, x, chunk_bytes=1)
+    assert torch.equal(sliced, full)
+    assert (sliced[:8] == 90).all() and (sliced[8:16] == 998).all()

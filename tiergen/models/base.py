@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..weights.prepack import packed_linear
 
 Weights = dict[str, torch.Tensor]
 # Where a checkpoint tensor goes: ("embed" | "head" | layer index, our key).
@@ -53,13 +54,43 @@ class Model(Protocol):
     def prepare(self, ctx: StepContext) -> None: ...
     def embed(self, w: Weights, ids: torch.Tensor, ctx: StepContext) -> torch.Tensor: ...
     def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor: ...
-    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor: ...
+    def head_features(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden state as the LM head's projection ``w["lm_head"]`` takes it."""
+        ...
     def slot(self, hf_name: str) -> Slot | None: ...
     def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]: ...
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    if w.is_mkldnn:   # a resident CPU weight packed at load (weights/prepack.py)
+        return packed_linear(x, w, b)
     return torch.nn.functional.linear(x, w, b)
+
+
+def head(model: Model, w: Weights, x: torch.Tensor) -> torch.Tensor:
+    """Logits over the vocabulary: the family's final features, then the vocab projection."""
+    return linear(model.head_features(w, x), w["lm_head"])
+
+
+def greedy_head(model: Model, w: Weights, x: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+    """argmax of ``head(model, w, x)`` per row, on x's device.
+
+    With ``chunk_bytes`` the projection runs over slices of the vocabulary whose
+    logits take about that many bytes, keeping each row's running best: the
+    [B,V] logits never exist, the weight is read once, and each slice stays in
+    cache. Ties go to the lowest id, as argmax does.
+    """
+    h = model.head_features(w, x)
+    weight = w["lm_head"]
+    if chunk_bytes is None:
+        return linear(h, weight).argmax(-1)
+    cols = max(256, chunk_bytes // (h.shape[0] * h.element_size()))
+    best, arg = linear(h, weight[:cols]).max(-1)
+    for c0 in range(cols, weight.shape[0], cols):
+        val, idx = linear(h, weight[c0:c0 + cols]).max(-1)
+        better = val > best
+        best, arg = torch.where(better, val, best), torch.where(better, idx + c0, arg)
+    return arg
 
 
 def row_chunks(n: int, chunk: int | None) -> list[slice]:

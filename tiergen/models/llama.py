@@ -102,5 +102,5 @@ class Llama:
             torch.add(y, linear(g, w["w_down"], w.get("b_down")), out=out[r])
         return out.view(B, T, E)
 
-    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
-        return linear(rms_norm(x, w["norm"], self.cfg.norm_eps), w["lm_head"])
+    def head_features(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, w["norm"], self.cfg.norm_eps)

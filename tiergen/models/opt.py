@@ -110,9 +110,9 @@ class OPT:
             out.append(y if pre else self._ln(y, w, "ln2"))
         return join_rows(out).view(B, T, E)
 
-    def head(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
+    def head_features(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
         if self.has_final_norm:
             x = self._ln(x, w, "norm")
         if self.projected:
             x = linear(x, w["proj_out"])
-        return linear(x, w["lm_head"])
+        return x

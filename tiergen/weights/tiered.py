@@ -31,6 +31,7 @@ from ..models.base import Model, Weights
 from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_blob, quantize, to_blob
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
+from . import prepack
 from .source import ModelSource
 
 ALIGN = 4096
@@ -221,13 +222,20 @@ class TieredWeights:
         t = to_blob(quantize(t.to(h.dtype), h.quant)) if h.quant else t.to(h.dtype).contiguous()
         if h.tier == "gpu":
             self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {g}")
-            h.tensor = t.to(self.device)
+            h.tensor = self._maybe_pack(g, h, t.to(self.device))
         elif h.tier == "cpu":
             self.tiers.cpu.alloc(h.nbytes, f"weight {key} of {g}")
-            h.tensor = t.pin_memory() if pin and self.mover.cuda else t
+            h.tensor = t.pin_memory() if pin and self.mover.cuda else self._maybe_pack(g, h, t)
         else:
             self.files[(g, key) if (g, key) in GATHERED else g].write_from(h.offset, t.view(-1).view(torch.uint8))
             self.tiers.links.add("cpu->disk", t.nbytes)
+
+    def _maybe_pack(self, g: str | int, h: Home, t: torch.Tensor) -> torch.Tensor:
+        """A layer matrix the CPU computes with in place, at the compute dtype, is packed once."""
+        if (isinstance(g, int) and h.quant is None and h.dtype == self.dtype and self.device.type == "cpu"
+                and prepack.packable(t)):
+            return prepack.pack(t)
+        return t
 
     # ------------------------------------------------------------- streaming
     def acquire(self, g: str | int) -> None:

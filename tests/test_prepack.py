@@ -1,0 +1,54 @@
+"""Resident bfloat16 layer weights packed for oneDNN compute exactly what plain ones do."""
+import pytest
+import torch
+
+from tiergen import LLM, Policy, SamplingParams
+from tiergen.weights import prepack
+
+pytestmark = pytest.mark.skipif(not prepack.available(torch.bfloat16),
+                                reason="this torch build cannot pack bfloat16 weights for oneDNN")
+
+PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64], [5, 6], list(range(10, 31)), [3] * 9]
+PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+def run(llm: LLM) -> tuple[list[list[int]], list[float]]:
+    out = llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
+    return [o.token_ids for o in out], [s.logprob for s in llm.score(token_ids=PROMPTS)]
+
+
+@pytest.mark.parametrize("name", ["opt", "llama_gqa", "qwen2", "mistral"])
+def test_packed_weights_match_plain_bit_for_bit(name, hf_model_dirs, monkeypatch, tmp_path):
+    _, path = hf_model_dirs(name)
+    packed = LLM(path, dtype="bfloat16", batch_size=4)
+    layer = packed.weights.homes[0]
+    mats = [k for k, h in layer.items() if len(h.shape) == 2]
+    assert mats and all(layer[k].tensor.is_mkldnn for k in mats)
+    assert not any(h.tensor.is_mkldnn for g in ("embed", "head") for h in packed.weights.homes[g].values()
+                   if h.tensor is not None)
+    got = run(packed)
+    monkeypatch.setattr(prepack, "packable", lambda t: False)
+    plain = LLM(path, dtype="bfloat16", batch_size=4)
+    assert not plain.weights.homes[0][mats[0]].tensor.is_mkldnn
+    assert run(plain) == got
+    monkeypatch.undo()
+    # without a GPU, host-homed weights are computed with in place: packed too
+    host = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4))
+    assert host.weights.homes[0][mats[0]].tier == "cpu" and host.weights.homes[0][mats[0]].tensor.is_mkldnn
+    assert run(host) == got
+    # disk-homed weights stream into plain buffers each block; they must agree as well
+    disk = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
+               offload_dir=str(tmp_path))
+    assert disk.weights.homes[0][mats[0]].tier == "disk"
+    assert run(disk) == got
+
+
+def test_float32_and_narrower_stored_weights_are_not_packed(hf_model_dirs):
+    _, path = hf_model_dirs("llama_gqa")
+    llm = LLM(path, dtype="float32", batch_size=4)
+    assert not any(h.tensor.is_mkldnn for h in llm.weights.homes[0].values())
+    # float32 compute over bfloat16 host copies: those are cast per block, not packed
+    llm = LLM(path, dtype="float32", policy=Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4),
+              offload_dtype="bfloat16")
+    homes = llm.weights.homes[0].values()
+    assert any(h.dtype == torch.bfloat16 for h in homes) and not any(h.tensor.is_mkldnn for h in homes)
