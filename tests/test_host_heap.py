@@ -28,3 +28,33 @@ def test_fragmented_frees_are_returned():
     assert after - start > 190 << 20           # the live ones did not
     assert not host_heap.release_if_grown()    # live memory is the new floor: no trim again
     assert sum(int(t[0]) for t in kept) == 20
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+def _anon_huge() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_huge_empty_is_aligned_usable_and_outlives_its_maker():
+    small = host_heap.huge_empty((4, 3, 8, 64), torch.bfloat16)
+    assert small.shape == (4, 3, 8, 64) and small.dtype == torch.bfloat16
+    before = _anon_huge()
+    t = host_heap.huge_empty((256, 3, 128, 64), torch.bfloat16)    # 12 MiB: the KV rows of one layer
+    assert t.shape == (256, 3, 128, 64) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert t.data_ptr() % host_heap.HUGE_PAGE == 0
+    t.fill_(1.5)
+    col = t[:, :, 5]
+    del t
+    import gc
+    gc.collect()
+    assert float(col.float().sum()) == 1.5 * 256 * 3 * 64     # the mapping lives while a view does
+    if _thp_mode() in ("madvise", "always"):
+        assert _anon_huge() - before >= 4 * host_heap.HUGE_PAGE   # backed by 2 MiB pages

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import os
 from typing import Any
+
+import torch
 
 # Growth of the process's anonymous memory since the last look that prompts a trim: small
 # enough to matter under a tight cap, large enough that trims (and the page faults that
@@ -66,3 +70,27 @@ def release_if_grown(limit: int = GROWTH_LIMIT) -> bool:
         return False
     release()
     return True
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor on memory the kernel may back with 2 MiB pages.
+
+    For large buffers written and read in scattered rows, like a head-major KV
+    cache whose every decode step writes one column of each of B x Hkv rows:
+    with 4 KiB pages each such write touches hundreds of pages and pays a TLB
+    miss (and at first a page fault) for each. Where transparent huge pages
+    are off, or for small buffers, this is ordinary memory.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    cap = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE    # room to start on a 2 MiB boundary
+    mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    # a memoryview export keeps the mapping open for as long as the tensor lives (see disk.aligned_empty)
+    flat = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+    skip = (-flat.data_ptr()) % HUGE_PAGE
+    return flat[skip:skip + nbytes].view(dtype).view(shape)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import host_heap
 from .config import ModelConfig
 from .models.attention import attention
 from .models.base import StepContext
@@ -280,6 +281,12 @@ class LayerCache:
         return out
 
 
+def _compute_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Head-major cache rows; on a CPU on huge pages, since each decode step writes one
+    scattered column of every row (SmolLM2 at 256 rows: 358 vs 66 us per write)."""
+    return host_heap.huge_empty(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
+
+
 def _copy_prefix(codec: Codec, src: Store, dst: Store, tokens: int) -> int:
     n = 0
     for name, t in src.items():
@@ -329,8 +336,8 @@ class KVCache:
             parts = []
             if g and quant is None:   # dense compute rows stay head-major, what attention wants
                 shape = (g, H, max_len, D)
-                parts.append(Part("gpu", slice(0, g), codecs["gpu"], torch.empty(shape, dtype=dtype, device=rt.device),
-                                  torch.empty(shape, dtype=dtype, device=rt.device)))
+                parts.append(Part("gpu", slice(0, g), codecs["gpu"], *(_compute_empty(shape, dtype, rt.device)
+                                                                        for _ in "kv")))
             elif g:
                 parts.append(Part("gpu", slice(0, g), codecs["gpu"], home=empty_store(codecs["gpu"], device=rt.device)))
             if c:
