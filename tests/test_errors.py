@@ -103,6 +103,10 @@ def test_bad_sampling_params():
     assert_one_line_error(run_cli("generate", "--top-p", "2", "hi"), "top_p")
 
 
+def test_io_threads_must_be_positive():
+    assert_one_line_error(run_cli("bench", "--dummy", "--model", "opt-125m", "--io-threads", "0"), "io_threads")
+
+
 def test_fp16_refused_on_cpu():
     with pytest.raises(InvalidRequestError):
         LLM("opt-125m", dummy=True, dtype="float16", device="cpu")

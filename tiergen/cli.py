@@ -57,6 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     pol.add_argument("--cpu-mem", help="host RAM budget (default: available RAM)")
     pol.add_argument("--disk", help="disk budget (default: free space in the offload dir)")
     pol.add_argument("--offload-dir", default=None, help="where disk-homed tensors go (default: system temp)")
+    pol.add_argument("--io-threads", type=int, default=4, help="threads reading and writing the offload dir")
 
 
 def quant_from_args(args: argparse.Namespace) -> dict:
@@ -94,7 +95,7 @@ def load_llm(args: argparse.Namespace):  # -> LLM
     return LLM(args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
                policy=auto_from_args(args) if getattr(args, "policy", None) == "auto" else policy_from_args(args),
                offload_dir=args.offload_dir, offload_dtype=args.offload_dtype,
-               gpu_mem=budgets[0], cpu_mem=budgets[1], disk=budgets[2])
+               gpu_mem=budgets[0], cpu_mem=budgets[1], disk=budgets[2], io_threads=args.io_threads)
 
 
 @command("bench")

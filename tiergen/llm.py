@@ -122,6 +122,8 @@ class LLM:
                  gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
                  disk: int | str | None = None, io_threads: int = 4,
                  offload_dtype: str | torch.dtype | None = None):
+        if io_threads < 1:
+            raise InvalidRequestError(f"io_threads must be at least 1, got {io_threads}")
         if isinstance(policy, str):
             # "auto": the cost model's pick for this model under these budgets (tiergen.policy.search)
             from .policy.search import resolve_auto
