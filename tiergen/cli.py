@@ -57,7 +57,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     pol.add_argument("--cpu-mem", help="host RAM budget (default: available RAM)")
     pol.add_argument("--disk", help="disk budget (default: free space in the offload dir)")
     pol.add_argument("--offload-dir", default=None, help="where disk-homed tensors go (default: system temp)")
-    pol.add_argument("--io-threads", type=int, default=4, help="threads reading and writing the offload dir")
+    pol.add_argument("--io-threads", type=int, default=1,
+                     help="threads reading and writing the offload dir (default 1: requests in schedule order)")
 
 
 def quant_from_args(args: argparse.Namespace) -> dict:

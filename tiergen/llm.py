@@ -113,6 +113,9 @@ class LLM:
     to 256 on a CPU, where bigger matmuls run much closer to its peak, and 32 on a GPU.
     ``offload_dtype`` is the precision of weights homed on the host or disk (default:
     the checkpoint's, when narrower than ``dtype``); they are cast once per block.
+    ``io_threads`` serve the offload dir. One, the default, issues the schedule's
+    reads and writes in the order it needs them; on the dev box's disk a 48x4 OPT-1.3B
+    decode step took 2.75 s with one, 3.01 s with two and 3.11 s with four.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, dtype: str | torch.dtype | None = None,
@@ -120,7 +123,7 @@ class LLM:
                  policy: Policy | str | None = None, batch_size: int | None = None, num_micro_batches: int = 1,
                  schedule: str = "zigzag", offload_dir: str | None = None,
                  gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
-                 disk: int | str | None = None, io_threads: int = 4,
+                 disk: int | str | None = None, io_threads: int = 1,
                  offload_dtype: str | torch.dtype | None = None):
         if io_threads < 1:
             raise InvalidRequestError(f"io_threads must be at least 1, got {io_threads}")
