@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import DiskFullError
+from .host_heap import anonymous_bytes
 
 ALIGN = 4096
 CHUNK = 64 << 20          # largest zero-copy piece per system call
@@ -57,13 +57,7 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
             buf = buf[skip:skip + cap]
         assert buf.data_ptr() % ALIGN == 0, "pinned host memory is not page-aligned"
         return buf[:nbytes]
-    # Anonymous mmap memory is page-aligned. The tensor holds a memoryview, and
-    # a live memoryview export makes mmap.close() fail, so the mapping cannot be
-    # unmapped while any view of the tensor exists (torch.frombuffer keeps a
-    # reference to the object it is given but drops the buffer export, so
-    # handing it the mmap itself would let a close() leave the tensor dangling).
-    mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(memoryview(mm), dtype=torch.uint8)[:nbytes]
+    return anonymous_bytes(cap, ALIGN)[:nbytes]
 
 
 def _byte_view(t: torch.Tensor, what: str) -> torch.Tensor:

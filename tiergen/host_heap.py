@@ -75,6 +75,24 @@ def release_if_grown(limit: int = GROWTH_LIMIT) -> bool:
 HUGE_PAGE = 2 << 20
 
 
+def anonymous_bytes(nbytes: int, align: int, huge: bool = False) -> torch.Tensor:
+    """``nbytes`` of fresh anonymous mmap memory as a uint8 tensor starting on an
+    ``align`` boundary (a power of two); ``huge`` asks the kernel for 2 MiB pages."""
+    page = mmap.PAGESIZE
+    cap = max(page, -(-nbytes // page) * page) + (align - page if align > page else 0)
+    mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    # The tensor holds a memoryview, and a live memoryview export makes mmap.close()
+    # fail, so the mapping cannot be unmapped while any view of the tensor exists
+    # (torch.frombuffer keeps a reference to the object it is given but drops the
+    # buffer export, so handing it the mmap itself would let a close() leave the
+    # tensor dangling).
+    flat = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+    skip = (-flat.data_ptr()) % align
+    return flat[skip:skip + nbytes]
+
+
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor on memory the kernel may back with 2 MiB pages.
 
@@ -85,12 +103,6 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     are off, or for small buffers, this is ordinary memory.
     """
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < 4 * HUGE_PAGE:
         return torch.empty(shape, dtype=dtype)
-    cap = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE    # room to start on a 2 MiB boundary
-    mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE)
-    # a memoryview export keeps the mapping open for as long as the tensor lives (see disk.aligned_empty)
-    flat = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
-    skip = (-flat.data_ptr()) % HUGE_PAGE
-    return flat[skip:skip + nbytes].view(dtype).view(shape)
+    return anonymous_bytes(nbytes, HUGE_PAGE, huge=True).view(dtype).view(shape)

@@ -283,7 +283,7 @@ class LayerCache:
 
 def _compute_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Head-major cache rows; on a CPU on huge pages, since each decode step writes one
-    scattered column of every row (SmolLM2 at 256 rows: 358 vs 66 us per write)."""
+    scattered column of every row (SmolLM2 at 256 rows: 358 vs 16 us per write)."""
     return host_heap.huge_empty(shape, dtype) if device.type == "cpu" else torch.empty(shape, dtype=dtype, device=device)
 
 
