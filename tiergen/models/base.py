@@ -87,9 +87,13 @@ def greedy_head(model: Model, w: Weights, x: torch.Tensor, chunk_bytes: int | No
     cols = max(256, chunk_bytes // (h.shape[0] * h.element_size()))
     best, arg = linear(h, weight[:cols]).max(-1)
     for c0 in range(cols, weight.shape[0], cols):
-        val, idx = linear(h, weight[c0:c0 + cols]).max(-1)
-        better = val > best
-        best, arg = torch.where(better, val, best), torch.where(better, idx + c0, arg)
+        logits = linear(h, weight[c0:c0 + cols])
+        # A max without indices is ~3x cheaper; only the rows this slice beats need its
+        # argmax, and in natural text few do after the first slices (frequent ids come first).
+        rows = (logits.amax(-1) > best).nonzero()[:, 0]
+        if rows.numel():
+            val, idx = logits.index_select(0, rows).max(-1)
+            best[rows], arg[rows] = val, idx + c0
     return arg
 
 
