@@ -17,10 +17,12 @@ usually run on CPU; ``--hf-dtype``) sweeps its batch size, llama.cpp
 sweeps the number of parallel sequences.
 
 Roofline: 2 x (matmul parameters) x tokens / peak matmul rate of tiergen's
-dtype, measured here by ``matmul_peak.py``. Reported two ways: over generated
-tokens only (what the issue's figure counts), and over all tokens the model
-must process (prompt tokens too, without the LM head for all but the last
-prompt position) -- the work actually done.
+dtype, measured here by ``matmul_peak.py``. Reported three ways: over generated
+tokens only (what the issue's figure counts); over all tokens the model must
+process (prompt tokens too, without the LM head for all but the last prompt
+position) -- the work actually done; and as a full roofline, where each decode
+pass also cannot beat reading its weights and its K/V cache at the read rate
+``memory_peak.py`` measures in the same run.
 
 Writes benchmarks/results/cpu_throughput.json (or ``--out``).
 """
@@ -52,7 +54,9 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         c = spec["config"]
         shapes = model_shapes(c["hidden"], c["ffn"], c["q_dim"], c["kv_dim"], c["vocab"],
                               rows=(len(prompts), len(prompts) * 4))
-        return {"system": "peak", "rates": peak_rates(shapes, (torch.float32, torch.bfloat16))}
+        from benchmarks.memory_peak import read_rate
+        return {"system": "peak", "rates": peak_rates(shapes, (torch.float32, torch.bfloat16)),
+                "memory": read_rate()}
     if name == "tiergen":
         return cs.run_tiergen(prompts, gen, spec["model"], dtype=spec.get("tiergen_dtype"),
                               batch_size=spec.get("tiergen_batch"))
@@ -84,6 +88,25 @@ def matmul_params(cfg: Any) -> tuple[int, int]:
     h, f = cfg.hidden_size, cfg.ffn_dim
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return cfg.num_layers * (2 * h * q + 2 * h * kv + 3 * h * f), cfg.vocab_size * h
+
+
+def torch_itemsize(dtype: str) -> int:
+    import torch
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def roofline_seconds(cfg: Any, n: int, plen: int, gen: int, flop_s: float, byte_s: float, elem: int) -> float:
+    """The least time the whole run can take on this machine: the prefill's arithmetic, then
+    each decode pass bound by the larger of its arithmetic and its memory reads (every
+    weight it multiplies, once, and the K/V cache it attends over, at ``elem`` bytes)."""
+    layers, head = matmul_params(cfg)
+    kv_col = 2 * cfg.num_kv_heads * cfg.head_dim * elem * cfg.num_layers * n   # one cache column, all layers
+    t = 2 * (layers * n * plen + head * n) / flop_s
+    for s in range(1, gen):
+        flops = 2 * (layers + head) * n
+        reads = (layers + head) * elem + kv_col * (plen + s)
+        t += max(flops / flop_s, reads / byte_s)
+    return t
 
 
 def agreement(a: list[list[int]], b: list[list[int]], first: int = 16) -> float:
@@ -119,6 +142,14 @@ def report(res: dict[str, Any], cfg: Any, n: int, plen: int, gen: int) -> dict[s
             tg["roofline_fraction_generated"] = gen_flops / rate / tg["wall_s"]
             tg["roofline_fraction_all_work"] = work / rate / tg["wall_s"]
             tg["achieved_gflops"] = work / tg["wall_s"] / 1e9
+        memory = systems.get("peak", {}).get("memory")
+        if peak and memory:
+            elem = torch_itemsize(systems["tiergen"]["dtype"])
+            t = roofline_seconds(cfg, n, plen, gen, peak["peak_gflops"] * 1e9, memory["peak_gb_s"] * 1e9, elem)
+            tg["memory_gb_s"] = memory["peak_gb_s"]
+            tg["roofline_compute_memory_s"] = t
+            tg["roofline_compute_memory_tok_s"] = tg["generated"] / t
+            tg["roofline_fraction_compute_memory"] = t / tg["wall_s"]
     return summary
 
 
@@ -147,6 +178,10 @@ def print_summary(summary: dict[str, Any], res: dict[str, Any]) -> None:
               f"{100 * tg['roofline_fraction_generated']:.0f}% counting generated tokens, "
               f"{100 * tg['roofline_fraction_all_work']:.0f}% counting all work "
               f"({tg['achieved_gflops']:.0f} GFLOP/s)")
+    if "roofline_fraction_compute_memory" in tg:
+        print(f"  roofline with memory reads ({tg['memory_gb_s']:.1f} GB/s): "
+              f"{tg['roofline_compute_memory_tok_s']:.0f} generated tok/s for the whole run -> tiergen at "
+              f"{100 * tg['roofline_fraction_compute_memory']:.0f}%")
     for name, r in sys_.items():
         if "error" in r:
             print(f"  {name}: FAILED ({r['error']})\n{r['log_tail']}")
