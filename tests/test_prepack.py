@@ -52,3 +52,35 @@ def test_float32_and_narrower_stored_weights_are_not_packed(hf_model_dirs):
               offload_dtype="bfloat16")
     homes = llm.weights.homes[0].values()
     assert any(h.dtype == torch.bfloat16 for h in homes) and not any(h.tensor.is_mkldnn for h in homes)
+
+
+@pytest.mark.parametrize("act", sorted(prepack.FUSED_ACTIVATIONS))
+def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act):
+    from tiergen.models.base import ACTIVATIONS, linear_act, linear_add, linear_mul
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=g).bfloat16()
+    w = (torch.randn(96, 64, generator=g) * 0.1).bfloat16()
+    b = torch.randn(96, generator=g).bfloat16()
+    other = torch.randn(37, 96, generator=g).bfloat16()
+    eager = {"act": ACTIVATIONS[act](torch.nn.functional.linear(x, w, b)),
+             "mul": torch.nn.functional.linear(x, w, b) * other,
+             "add": other + torch.nn.functional.linear(x, w, b)}
+    for weight in (w, prepack.pack(w)):
+        assert prepack.fuses(x, weight)
+        got = {"act": linear_act(x, weight, b, act), "mul": linear_mul(x, weight, b, other),
+               "add": linear_add(x, weight, b, other)}
+        for k in got:
+            # one rounding instead of two: within a couple of bf16 ulps of the eager result
+            torch.testing.assert_close(got[k].float(), eager[k].float(), rtol=2 ** -6, atol=2 ** -6)
+        if weight is w:
+            plain = got
+        else:
+            assert all(torch.equal(got[k], plain[k]) for k in got)   # streamed and resident layers agree
+
+
+def test_float32_products_are_not_fused():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert not prepack.fuses(x, w)
+    from tiergen.models.base import linear_add
+    other = torch.randn(4, 6)
+    assert torch.equal(linear_add(x, w, None, other), other + torch.nn.functional.linear(x, w))

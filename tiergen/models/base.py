@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..weights import prepack
 from ..weights.prepack import packed_linear
 
 Weights = dict[str, torch.Tensor]
@@ -67,6 +68,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return torch.nn.functional.linear(x, w, b)
 
 
+def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(linear(x, w, b)); on the CPU's oneDNN path the activation is the product's epilogue."""
+    if act in prepack.FUSED_ACTIVATIONS and prepack.fuses(x, w):
+        return prepack.linear_act(x, w, b, act)
+    return ACTIVATIONS[act](linear(x, w, b))
+
+
+def linear_mul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """linear(x, w, b) * other (a gated MLP's gate), fused into the product where oneDNN runs it."""
+    if prepack.fuses(x, w):
+        return prepack.linear_binary(x, other, w, b, "mul")
+    return linear(x, w, b).mul_(other)
+
+
+def linear_add(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """other + linear(x, w, b) (a residual), fused into the product where oneDNN runs it."""
+    if prepack.fuses(x, w):
+        return prepack.linear_binary(x, other, w, b, "add")
+    return other + linear(x, w, b)
+
+
 def head(model: Model, w: Weights, x: torch.Tensor) -> torch.Tensor:
     """Logits over the vocabulary: the family's final features, then the vocab projection."""
     return linear(model.head_features(w, x), w["lm_head"])
@@ -118,11 +140,12 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def activation(name: str) -> str:
+    """The activation's name, checked: ``linear_act`` takes it."""
     from ..errors import UnknownModelError
     if name not in ACTIVATIONS:
         raise UnknownModelError(f"unsupported activation {name!r}")
-    return ACTIVATIONS[name]
+    return name
 
 
 class NameMap:

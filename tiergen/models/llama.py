@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from .base import LayerKV, NameMap, StepContext, Weights, activation, linear, register, row_chunks
+from .base import (LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
+                   linear_mul, register, row_chunks)
 from .rope import apply_rope_into, rope_cos_sin
 
 _L = r"(?:model\.)?layers\.(?P<i>\d+)\."
@@ -94,13 +95,13 @@ class Llama:
         heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
                  v.view(B, T, Hkv, D).transpose(1, 2))
         o = kv.attend(*heads, ctx).transpose(1, 2).reshape(n, H * D)
-        out = torch.empty_like(rows)
+        out = []
         for r in chunks:
-            y = rows[r] + linear(o[r], w["wo"], w.get("bo"))
+            y = linear_add(o[r], w["wo"], w.get("bo"), rows[r])
             h = rms_norm(y, w["ffn_norm"], c.norm_eps)
-            g = self.act(linear(h, w["w_gate"], w.get("b_gate"))).mul_(linear(h, w["w_up"], w.get("b_up")))
-            torch.add(y, linear(g, w["w_down"], w.get("b_down")), out=out[r])
-        return out.view(B, T, E)
+            g = linear_mul(h, w["w_up"], w.get("b_up"), linear_act(h, w["w_gate"], w.get("b_gate"), self.act))
+            out.append(linear_add(g, w["w_down"], w.get("b_down"), y))
+        return join_rows(out).view(B, T, E)
 
     def head_features(self, w: Weights, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, w["norm"], self.cfg.norm_eps)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .base import LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, register, row_chunks
+from .base import (LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
+                   register, row_chunks)
 
 # Learned position embeddings are offset by 2 (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -102,11 +103,11 @@ class OPT:
         o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B * T, -1)
         out = []
         for r in chunks:
-            y = rows[r] + linear(o[r], w["wo"], w.get("bo"))
+            y = linear_add(o[r], w["wo"], w.get("bo"), rows[r])
             if not pre:
                 y = self._ln(y, w, "ln1")
             h = self._ln(y, w, "ln2") if pre else y
-            y = y + linear(self.act(linear(h, w["fc1_w"], w.get("fc1_b"))), w["fc2_w"], w.get("fc2_b"))
+            y = linear_add(linear_act(h, w["fc1_w"], w.get("fc1_b"), self.act), w["fc2_w"], w.get("fc2_b"), y)
             out.append(y if pre else self._ln(y, w, "ln2"))
         return join_rows(out).view(B, T, E)
 

@@ -7,10 +7,16 @@ the packed tensor is what the model's ``linear`` receives. Measured on the AMX
 dev box, SmolLM2's 256-row decode matmuls run 1.3-1.9x faster, bit-identical
 to the plain call. float32 is left alone: it goes through MKL, whose results a
 oneDNN kernel would not reproduce bit for bit.
+
+The same oneDNN call also takes an epilogue: a gated MLP's activation and gate
+product and the residual adds run inside their matmuls, rounded once, instead of
+as passes of their own over the product. Plain bf16 weights (streamed ones) go
+through the same call, so every placement of a layer computes the same bits.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -41,3 +47,32 @@ def pack(t: torch.Tensor) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+# Activations oneDNN can apply to a product before rounding it: (post-op, algorithm).
+FUSED_ACTIVATIONS = {"silu": ("swish", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"),
+                     "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh")}
+
+
+def fuses(x: torch.Tensor, w: Any) -> bool:
+    """Whether ``x @ w.T`` runs through oneDNN with its epilogue fused in: a packed weight,
+    or a plain one at a packable dtype on the CPU. Plain and packed weights then round
+    alike, so streamed and resident layers still compute the same bits."""
+    if not isinstance(w, torch.Tensor):
+        return False
+    if w.is_mkldnn:
+        return True
+    return (x.device.type == "cpu" and x.dtype == w.dtype and w.dim() == 2 and w.is_contiguous()
+            and available(w.dtype))
+
+
+def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(x @ w.T + b) in one pass, rounded once."""
+    attr, algorithm = FUSED_ACTIVATIONS[act]
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algorithm)
+
+
+def linear_binary(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  op: str) -> torch.Tensor:
+    """(x @ w.T + b) ``op`` other, op in {"add", "mul"}, in one pass, rounded once."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, op)
