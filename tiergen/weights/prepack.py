@@ -63,7 +63,21 @@ def fuses(x: torch.Tensor, w: Any) -> bool:
     if w.is_mkldnn:
         return True
     return (x.device.type == "cpu" and x.dtype == w.dtype and w.dim() == 2 and w.is_contiguous()
-            and available(w.dtype))
+            and epilogues_available(w.dtype))
+
+
+@functools.cache
+def epilogues_available(dtype: torch.dtype) -> bool:
+    """Whether this build runs every fused epilogue at ``dtype`` (tried once on tiny products)."""
+    if not available(dtype):
+        return False
+    try:
+        x, w, o = torch.ones(2, 32, dtype=dtype), torch.ones(16, 32, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+        for act in FUSED_ACTIVATIONS:
+            linear_act(x, w, None, act)
+        return all(linear_binary(x, o, w, None, op).shape == (2, 16) for op in ("add", "mul"))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
