@@ -37,6 +37,9 @@ CONFIGS = {
                                                            original_max_position_embeddings=32))),
     "mistral": ("MistralConfig", dict(BASE, num_key_value_heads=2, head_dim=16, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    # SmolLM2's head layout (3 query heads a K/V head, head size 64): what the CPU decode kernel handles
+    "llama_d64": ("LlamaConfig", dict(BASE, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
+                                      head_dim=64)),
 }
 
 

@@ -4,14 +4,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
               scale: float | None = None) -> torch.Tensor:
     """q [B,H,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] bool (True = may attend)."""
-    if q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] == 1:
-        return grouped_attention(q, k, v, mask, scale)
+    if q.device.type == "cpu" and q.shape[2] == 1:
+        if q.dtype == torch.float32:
+            return grouped_attention(q, k, v, mask, scale)
+        kernel = decode_kernel(q, k, v)
+        if kernel is not None:
+            return kernel.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The compiled one-token kernel (tiergen/kernels) where it handles these tensors, else None."""
+    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        return None
+    mod = kernels.load("decode_attention")
+    if mod is None or not mod.supports(q.shape[1], k.shape[1], q.shape[-1]):
+        return None
+    return mod
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

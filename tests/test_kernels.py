@@ -1,0 +1,117 @@
+"""The compiled CPU decode-attention kernel computes what softmax attention does."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiergen import LLM, SamplingParams, kernels
+from tiergen.models import attention as attn
+
+mod = kernels.load("decode_attention")
+pytestmark = pytest.mark.skipif(mod is None, reason="the kernel cannot be built here (needs a C++ compiler, "
+                                "ninja and AVX-512 BF16)")
+
+
+def reference(q, k, v, mask, scale):
+    """float64 softmax attention, each query head on its group's K/V head."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def case(B, H, Hkv, D, S, cap, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, H, D, generator=g).bfloat16().transpose(1, 2)      # the engine's strided view
+    kbuf = torch.randn(B, Hkv, cap, D, generator=g).bfloat16()               # a cache longer than in use
+    vbuf = torch.randn(B, Hkv, cap, D, generator=g).bfloat16()
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    for b in range(B):                                                       # left padding, row b: b keys
+        mask[b, ..., :min(b, S - 1)] = False
+    return q, kbuf[:, :, :S], vbuf[:, :, :S], mask
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (14, 2, 64), (32, 4, 128), (12, 4, 96)])
+@pytest.mark.parametrize("S", [1, 15, 16, 17, 70])
+def test_kernel_matches_reference(H, Hkv, D, S):
+    q, k, v, mask = case(5, H, Hkv, D, S, S + 9, seed=S * 31 + H)
+    assert mod.supports(H, Hkv, D)
+    got = mod.decode_attention(q, k, v, mask, D ** -0.5)
+    want = reference(q, k, v, mask, D ** -0.5)
+    assert got.shape == (5, H, 1, D) and got.dtype == torch.bfloat16
+    # float32 arithmetic, one bf16 rounding of the output: within a bf16 ulp or two
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -9)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    torch.testing.assert_close(got.float(), sdpa.float(), rtol=2 ** -6, atol=2 ** -7)
+
+
+def test_token_major_views_and_large_scores():
+    # host rows are token-major [S, B, Hkv, D], attended through permuted views; peaked scores
+    # (one key far above the rest) must not overflow the exponentials
+    S, B, Hkv, D = 40, 3, 2, 64
+    g = torch.Generator().manual_seed(1)
+    tok_k = torch.randn(S, B, Hkv, D, generator=g).bfloat16()
+    tok_v = torch.randn(S, B, Hkv, D, generator=g).bfloat16()
+    tok_k[7] *= 40
+    k, v = tok_k.permute(1, 2, 0, 3), tok_v.permute(1, 2, 0, 3)
+    q = (torch.randn(B, 4, 1, D, generator=g) * 5).bfloat16()
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    got = mod.decode_attention(q, k, v, mask, 0.125)
+    assert torch.isfinite(got.float()).all()
+    torch.testing.assert_close(got.double(), reference(q, k, v, mask, 0.125), rtol=2 ** -7, atol=2 ** -9)
+
+
+def test_unsupported_layouts_fall_back_to_sdpa():
+    assert not mod.supports(32, 2, 64)    # 16 query heads a group
+    assert not mod.supports(8, 8, 80)     # head size not a multiple of 32 we build
+    q = torch.randn(2, 32, 1, 64).bfloat16()
+    k = v = torch.randn(2, 2, 10, 64).bfloat16()
+    assert attn.decode_kernel(q, k, v) is None
+    assert attn.decode_kernel(q.float(), k.float(), v.float()) is None
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    out = attn.attention(q, k, v, mask)
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.125), rtol=2 ** -6, atol=2 ** -7)
+
+
+def teacher_forced_logits(llm, ids, tokens):
+    """Prefill ``ids``, then decode ``tokens`` one by one; the logits of every decode step."""
+    from tiergen.engine import prompt_positions
+    from tiergen.sequence import Sequence
+    eng = llm.engine
+    mb, x = eng.new_micro_batch([Sequence(0, ids, len(tokens) + 1)], len(tokens) + 1)
+    eng.forward([mb], [x], [prompt_positions(mb, x.shape[1])])
+    return torch.stack([eng.decode_step([mb], [torch.tensor([t])])[0][0] for t in tokens])
+
+
+def test_engine_decodes_through_the_kernel_as_accurately_as_sdpa(hf_model_dirs, monkeypatch):
+    hf, path = hf_model_dirs("llama_d64")
+    ids = [1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64]
+    tokens = [5, 77, 3, 140, 9, 200, 41, 18, 66, 2, 90, 250]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids + tokens])).logits[0, len(ids):].double()   # float32 transformers
+    llm = LLM(path, dtype="bfloat16", batch_size=1)
+    used = []
+    real = attn.decode_kernel
+    monkeypatch.setattr(attn, "decode_kernel", lambda *a: used.append(real(*a) is not None) or real(*a))
+    ours = teacher_forced_logits(llm, ids, tokens).double()
+    assert len(used) == len(tokens) * llm.config.num_layers and all(used)   # every decode attention
+    monkeypatch.setattr(attn, "decode_kernel", lambda *a: None)
+    sdpa = teacher_forced_logits(llm, ids, tokens).double()
+    err, err_sdpa = (ours - ref).abs().max().item(), (sdpa - ref).abs().max().item()
+    assert err <= 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
+
+
+def test_kernel_decodes_alike_from_every_cache_placement(hf_model_dirs, tmp_path):
+    from tiergen import Policy
+    _, path = hf_model_dirs("llama_d64")
+    prompts = [[1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64], [5, 6], list(range(10, 31)), [3] * 9]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+    def run(**kw):
+        return [o.token_ids for o in LLM(path, dtype="bfloat16", **kw).generate(prompt_token_ids=prompts,
+                                                                                params=params)]
+    resident = run(batch_size=4)
+    # host rows are token-major and attended through permuted views; disk rows through read-back copies
+    host = run(policy=Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=4))
+    disk = run(policy=Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=4), offload_dir=str(tmp_path))
+    assert resident == host == disk
+    assert len({t for seq in resident for t in seq}) > 3

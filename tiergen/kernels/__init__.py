@@ -1,0 +1,61 @@
+"""Compiled CPU kernels: built from source on first use with torch's extension
+loader, cached per machine, and skipped (the torch path runs) wherever they cannot
+be built -- no compiler, no ninja, an instruction set they do not target.
+
+Set ``TIERGEN_KERNELS=0`` to keep to the torch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp")}
+# -march=native: the kernel is built on and for the machine that runs it
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+
+_lock = threading.Lock()
+_built: dict[str, ModuleType | None] = {}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tiergen" / "kernels"
+
+
+def enabled() -> bool:
+    return os.environ.get("TIERGEN_KERNELS", "1") != "0"
+
+
+def load(name: str) -> ModuleType | None:
+    """The built kernel module ``name``, or None where it cannot be built or used here."""
+    if not enabled():
+        return None
+    with _lock:
+        if name not in _built:
+            _built[name] = _build(name)
+        return _built[name]
+
+
+def _build(name: str) -> ModuleType | None:
+    src = SOURCES[name]
+    # one build per source, flags and torch: a changed kernel never loads a stale build
+    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
+    tag = f"tiergen_{name}_{key.hexdigest()[:12]}"
+    where = cache_dir() / tag
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if not any(where.glob(f"{tag}*.so")):
+            print(f"tiergen: building the CPU {name.replace('_', '-')} kernel (once per machine, "
+                  f"about half a minute)", file=sys.stderr, flush=True)
+        from torch.utils.cpp_extension import load as build
+        mod = build(tag, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(where), verbose=False)
+        return mod if mod.available() else None
+    except Exception:   # no compiler, no ninja, an unsupported CPU: the torch path serves
+        return None

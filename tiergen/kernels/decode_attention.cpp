@@ -1,0 +1,236 @@
+// Decode attention over a bfloat16 KV cache on x86 CPUs with AVX-512 BF16.
+//
+// One query token per sequence, grouped-query heads: each (sequence, K/V head)
+// pair reads its cached K and V rows once for all G query heads that share
+// them, so the step runs at close to memory speed instead of paying a small
+// matrix product per query head.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TIERGEN_HAVE_KERNEL 1
+#else
+#define TIERGEN_HAVE_KERNEL 0
+#endif
+
+bool available() { return TIERGEN_HAVE_KERNEL; }
+
+#if TIERGEN_HAVE_KERNEL
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// e^x as 2^n * 2^f with |f| <= 1/2 and 2^f by its Taylor series to degree 6
+// (relative error ~2e-8); inputs are clamped to where float32 e^x is finite.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// r[i] = sum of the lanes of v[i], for 16 vectors at once (45 shuffles and adds
+// instead of 16 separate horizontal reductions).
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512 bf16_to_f32(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+struct Args {
+  const uint16_t *q, *k, *v;
+  const bool* mask;
+  uint16_t* out;
+  int64_t H, Hkv, S, qsb, qsh, ksb, ksh, kss, vsb, vsh, vss, msb, mss;
+  float scale;
+};
+
+// One (sequence b, K/V head j) pair: G query heads, head size 32 * DP.
+template <int G, int DP>
+void attend_one(const Args& a, int64_t b, int64_t j, float* s) {
+  constexpr int DV = 2 * DP;   // float32 vectors per row
+  const int64_t S = a.S, SP = (S + 15) / 16 * 16;
+  const uint16_t* kb = a.k + b * a.ksb + j * a.ksh;
+  const uint16_t* vb = a.v + b * a.vsb + j * a.vsh;
+  const bool* mrow = a.mask + b * a.msb;
+  __m512bh qv[G][DP];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DP; ++c)
+      qv[g][c] = (__m512bh)_mm512_loadu_si512(a.q + b * a.qsb + (j * G + g) * a.qsh + 32 * c);
+  const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(kNegInf);
+  // scores, 16 keys at a time: s[g * SP + t]
+  for (int64_t t0 = 0; t0 < SP; t0 += 16) {
+    const int n = (int)std::min<int64_t>(16, S - t0);
+    __m512bh kr[16][DP];
+    for (int i = 0; i < 16; ++i)
+      for (int c = 0; c < DP; ++c)
+        kr[i][c] = i < n ? (__m512bh)_mm512_loadu_si512(kb + (t0 + i) * a.kss + 32 * c)
+                         : (__m512bh)_mm512_setzero_si512();
+    __mmask16 valid = 0;
+    for (int i = 0; i < n; ++i)
+      valid |= (__mmask16)(mrow[(t0 + i) * a.mss] ? 1u << i : 0u);
+    for (int g = 0; g < G; ++g) {
+      __m512 part[16];
+      for (int i = 0; i < 16; ++i) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < DP; ++c) acc = _mm512_dpbf16_ps(acc, kr[i][c], qv[g][c]);
+        part[i] = acc;
+      }
+      _mm512_storeu_ps(s + g * SP + t0, _mm512_mask_mov_ps(ninf, valid, _mm512_mul_ps(sum16(part), scale)));
+    }
+  }
+  // softmax weights, unnormalised; 1 / their sum per head
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * SP;
+    __m512 mv = ninf;
+    for (int64_t t = 0; t < SP; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sg + t));
+    const float m = _mm512_reduce_max_ps(mv);
+    const __m512 mm = _mm512_set1_ps(m);
+    __m512 sv = _mm512_setzero_ps();
+    for (int64_t t = 0; t < SP; t += 16) {
+      const __m512 x = _mm512_loadu_ps(sg + t);
+      const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp512(_mm512_sub_ps(x, mm)));
+      _mm512_storeu_ps(sg + t, e);
+      sv = _mm512_add_ps(sv, e);
+    }
+    const float sum = _mm512_reduce_add_ps(sv);
+    inv[g] = sum > 0.f ? 1.f / sum : 0.f;   // a row with no visible key attends to nothing
+  }
+  // weighted sum of the value rows
+  __m512 acc[G][DV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < DV; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < S; ++t) {
+    const uint16_t* vrow = vb + t * a.vss;
+    __m512 vf[DV];
+    for (int c = 0; c < DV; ++c) vf[c] = bf16_to_f32(vrow + 16 * c);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(s[g * SP + t]);
+      for (int c = 0; c < DV; ++c) acc[g][c] = _mm512_fmadd_ps(p, vf[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    uint16_t* orow = a.out + (b * a.H + j * G + g) * (32 * DP);
+    const __m512 iv = _mm512_set1_ps(inv[g]);
+    for (int c = 0; c < DV; ++c)
+      _mm256_storeu_si256((__m256i*)(orow + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], iv)));
+  }
+}
+
+// Asks for a pair's K and V rows ahead of use: consecutive pairs sit far apart
+// in the cache, where the hardware prefetcher does not follow.
+inline void prefetch_pair(const Args& a, int64_t b, int64_t j, int64_t row_bytes) {
+  const char* kb = (const char*)(a.k + b * a.ksb + j * a.ksh);
+  const char* vb = (const char*)(a.v + b * a.vsb + j * a.vsh);
+  for (int64_t t = 0; t < a.S; ++t)
+    for (int64_t o = 0; o < row_bytes; o += 64) {
+      _mm_prefetch(kb + t * a.kss * 2 + o, _MM_HINT_T1);
+      _mm_prefetch(vb + t * a.vss * 2 + o, _MM_HINT_T1);
+    }
+}
+
+using ItemFn = void (*)(const Args&, int64_t, int64_t, float*);
+
+template <int DP>
+ItemFn pick_group(int64_t G) {
+  switch (G) {
+    case 1: return attend_one<1, DP>;
+    case 2: return attend_one<2, DP>;
+    case 3: return attend_one<3, DP>;
+    case 4: return attend_one<4, DP>;
+    case 5: return attend_one<5, DP>;
+    case 6: return attend_one<6, DP>;
+    case 7: return attend_one<7, DP>;
+    case 8: return attend_one<8, DP>;
+    default: return nullptr;
+  }
+}
+
+ItemFn pick(int64_t G, int64_t D) {
+  switch (D) {
+    case 64: return pick_group<2>(G);
+    case 96: return pick_group<3>(G);
+    case 128: return pick_group<4>(G);
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+#endif
+
+bool supports(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+#if TIERGEN_HAVE_KERNEL
+  return num_kv_heads > 0 && num_heads % num_kv_heads == 0 && pick(num_heads / num_kv_heads, head_dim) != nullptr;
+#else
+  return false;
+#endif
+}
+
+// q [B,H,1,D], k/v [B,Hkv,S,D] bfloat16 with unit last stride, mask [B,1,1,S] bool
+// (true: may attend). Returns softmax(q k^T * scale + mask) v as [B,H,1,D].
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+              v.scalar_type() == at::kBFloat16, "decode_attention: bfloat16 q, k, v expected");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "decode_attention: a bool mask expected");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4 && q.size(2) == 1,
+              "decode_attention: q [B,H,1,D], k/v [B,Hkv,S,D], mask [B,1,1,S] expected");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit last stride expected");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(1) == Hkv &&
+              v.size(2) == S && mask.size(0) == B && mask.size(3) == S && S > 0,
+              "decode_attention: mismatched shapes");
+  auto out = torch::empty({B, H, 1, D}, q.options());
+#if TIERGEN_HAVE_KERNEL
+  const ItemFn fn = Hkv > 0 && H % Hkv == 0 ? pick(H / Hkv, D) : nullptr;
+  TORCH_CHECK(fn != nullptr, "decode_attention: unsupported head layout");
+  Args a{(const uint16_t*)q.data_ptr(), (const uint16_t*)k.data_ptr(), (const uint16_t*)v.data_ptr(),
+         mask.data_ptr<bool>(), (uint16_t*)out.data_ptr(), H, Hkv, S, q.stride(0), q.stride(1),
+         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
+         mask.stride(3), (float)scale};
+  const int64_t G = H / Hkv, SP = (S + 15) / 16 * 16;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(G * SP);
+    for (int64_t item = begin; item < end; ++item) {
+      if (item + 1 < end) prefetch_pair(a, (item + 1) / Hkv, (item + 1) % Hkv, D * 2);
+      fn(a, item / Hkv, item % Hkv, s.data());
+    }
+  });
+#else
+  TORCH_CHECK(false, "decode_attention: built without AVX-512 BF16");
+#endif
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &available, "whether this build has the kernel (AVX-512 BF16)");
+  m.def("supports", &supports, "whether the kernel handles this head layout");
+  m.def("decode_attention", &decode_attention, "one-token GQA attention over a bfloat16 cache");
+}
