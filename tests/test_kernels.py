@@ -115,3 +115,45 @@ def test_kernel_decodes_alike_from_every_cache_placement(hf_model_dirs, tmp_path
     disk = run(policy=Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=4), offload_dir=str(tmp_path))
     assert resident == host == disk
     assert len({t for seq in resident for t in seq}) > 3
+
+
+rows = kernels.load("rowwise")
+needs_rows = pytest.mark.skipif(rows is None, reason="the row-wise kernels cannot be built here")
+
+
+def torch_rms_norm(x, w, eps):
+    # what tiergen.models.llama.rms_norm computes without the kernel (and the reference's roundings)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+@needs_rows
+@pytest.mark.parametrize("E", [576, 64, 100, 4096])
+def test_rms_norm_kernel_matches_torch(E):
+    g = torch.Generator().manual_seed(E)
+    x = (torch.randn(300, E + 8, generator=g) * 3).bfloat16()[:, 4:4 + E]    # strided rows
+    w = (1 + 0.2 * torch.randn(E, generator=g)).bfloat16()
+    got, want = rows.rms_norm(x, w, 1e-5), torch_rms_norm(x, w, 1e-5)
+    # the same roundings; only the order of each row's sum of squares differs
+    assert (got == want).float().mean() > 0.999
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=0)   # a bf16 ulp or two
+
+
+@needs_rows
+@pytest.mark.parametrize("H,D,rd", [(9, 64, 64), (3, 128, 128), (4, 64, 32), (2, 80, 80)])
+def test_rope_kernel_is_bit_identical_to_torch(H, D, rd):
+    from tiergen.models import rope
+    g = torch.Generator().manual_seed(D + rd)
+    x = torch.randn(50, H, D, generator=g).bfloat16()
+    ang = torch.rand(50, 1, rd // 2, generator=g) * 100
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    got, want = torch.empty_like(x), torch.empty_like(x)
+    rows.rope_into(x, cos, sin, got)
+    fast = rope.kernels.for_bf16_rows
+    try:
+        rope.kernels.for_bf16_rows = lambda *t: None      # the torch path
+        rope.apply_rope_into(x, cos, sin, want)
+    finally:
+        rope.kernels.for_bf16_rows = fast
+    assert torch.equal(got, want)
+    assert torch.equal(got[..., rd:], x[..., rd:])

@@ -15,7 +15,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp")}
+SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
+           "rowwise": Path(__file__).with_name("rowwise.cpp")}
 # -march=native: the kernel is built on and for the machine that runs it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -59,3 +60,10 @@ def _build(name: str) -> ModuleType | None:
         return mod if mod.available() else None
     except Exception:   # no compiler, no ninja, an unsupported CPU: the torch path serves
         return None
+
+
+def for_bf16_rows(*tensors: torch.Tensor) -> ModuleType | None:
+    """The row-wise kernels (RMSNorm, RoPE) where they apply: bfloat16 CPU tensors."""
+    if all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
+        return load("rowwise")
+    return None

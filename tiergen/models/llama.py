@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..config import ModelConfig
 from .base import (LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
                    linear_mul, register, row_chunks)
@@ -34,6 +35,9 @@ _NAMES = NameMap([
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 and cast back before the gain, as the reference does.
+    fast = kernels.for_bf16_rows(x, w) if x.dim() == 2 and x.stride(-1) == 1 else None
+    if fast is not None:   # the same roundings in one pass (tiergen/kernels/rowwise.cpp)
+        return fast.rms_norm(x, w, eps)
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
     # y is a fresh temporary: scale it in place rather than allocate another

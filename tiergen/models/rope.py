@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import kernels
 from ..config import ModelConfig
 
 __all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope", "apply_rope_into", "rotary_dim", "ROPE_TYPES"]
@@ -314,6 +315,10 @@ def apply_rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: 
     rounded once, like ``apply_rope``.
     """
     rd = cos.shape[-1]
+    fast = kernels.for_bf16_rows(x, out) if cos.dtype == sin.dtype == torch.float32 else None
+    if fast is not None and x.dim() == 3 and all(t.stride(-1) == 1 for t in (x, out, cos, sin)):
+        fast.rope_into(x, cos, sin, out)   # the same arithmetic in one pass (tiergen/kernels/rowwise.cpp)
+        return
     half = rd // 2
     c, s = cos[..., :half], sin[..., :half]
     exact = x.dtype == torch.float32 and out.dtype == torch.float32

@@ -1,0 +1,119 @@
+// Token-wise row operations of a Llama layer on bfloat16 rows, each in one pass:
+// RMSNorm and rotary embedding. Each reproduces the torch code it stands in for
+// (tiergen/models/llama.py rms_norm, tiergen/models/rope.py apply_rope_into):
+// float32 arithmetic with the same roundings to bfloat16, so only the order of
+// a row's sum of squares can differ.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TIERGEN_HAVE_KERNEL 1
+#else
+#define TIERGEN_HAVE_KERNEL 0
+#endif
+
+bool available() { return TIERGEN_HAVE_KERNEL; }
+
+#if TIERGEN_HAVE_KERNEL
+namespace {
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+inline __m512 round_bf16(__m512 x) {   // x rounded to bfloat16 and widened back
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
+}  // namespace
+#endif
+
+// y = w * bf16(x * rsqrt(mean(x^2) + eps)), rows of x [N, E] with unit last stride.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
+              w.dim() == 1 && w.size(0) == x.size(1) && x.stride(1) == 1 && w.is_contiguous(),
+              "rms_norm: bfloat16 x [N, E] and w [E] expected");
+  const int64_t N = x.size(0), E = x.size(1), xs = x.stride(0);
+  auto y = torch::empty({N, E}, x.options());
+#if TIERGEN_HAVE_KERNEL
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  const uint16_t* wp = (const uint16_t*)w.data_ptr();
+  uint16_t* yp = (uint16_t*)y.data_ptr();
+  const float e = (float)eps;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* row = xp + r * xs;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < E; c += 16) {
+        const __m512 v = load_bf16(row + c, tail(E - c));
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(acc) / (float)E + e);
+      const __m512 iv = _mm512_set1_ps(inv);
+      for (int64_t c = 0; c < E; c += 16) {
+        const __mmask16 m = tail(E - c);
+        const __m512 n = round_bf16(_mm512_mul_ps(load_bf16(row + c, m), iv));
+        store_bf16(yp + r * E + c, _mm512_mul_ps(n, load_bf16(wp + c, m)), m);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "rms_norm: built without AVX-512 BF16");
+#endif
+  return y;
+}
+
+// out[n, h] = x[n, h] with dims [0, rd) rotated: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) in float32,
+// rounded once. x, out [N, H, D] bfloat16 with unit last stride; cos, sin [N, 1, rd] float32 whose
+// two halves repeat (only the first is read).
+void rope_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+              cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "rope_into: bfloat16 x/out and float32 cos/sin expected");
+  TORCH_CHECK(x.dim() == 3 && out.sizes() == x.sizes() && cos.dim() == 3 && sin.sizes() == cos.sizes() &&
+              cos.size(0) == x.size(0) && cos.size(2) <= x.size(2) && cos.size(2) % 2 == 0 &&
+              x.stride(2) == 1 && out.stride(2) == 1 && cos.stride(2) == 1 && sin.stride(2) == 1,
+              "rope_into: x/out [N, H, D], cos/sin [N, 1, rd] expected");
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), rd = cos.size(2), half = rd / 2;
+#if TIERGEN_HAVE_KERNEL
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  uint16_t* op = (uint16_t*)out.data_ptr();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t xn = x.stride(0), xh = x.stride(1), on = out.stride(0), oh = out.stride(1);
+  const int64_t cn = cos.stride(0), sn = sin.stride(0);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* c = cp + r * cn;
+      const float* s = sp + r * sn;
+      for (int64_t h = 0; h < H; ++h) {
+        const uint16_t* xr = xp + r * xn + h * xh;
+        uint16_t* orow = op + r * on + h * oh;
+        for (int64_t i = 0; i < half; i += 16) {
+          const __mmask16 m = tail(half - i);
+          const __m512 x1 = load_bf16(xr + i, m), x2 = load_bf16(xr + half + i, m);
+          const __m512 cv = _mm512_maskz_loadu_ps(m, c + i), sv = _mm512_maskz_loadu_ps(m, s + i);
+          store_bf16(orow + i, _mm512_fnmadd_ps(x2, sv, _mm512_mul_ps(x1, cv)), m);
+          store_bf16(orow + half + i, _mm512_fmadd_ps(x1, sv, _mm512_mul_ps(x2, cv)), m);
+        }
+        for (int64_t i = rd; i < D; ++i) orow[i] = xr[i];   // dims past the rotary ones pass through
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "rope_into: built without AVX-512 BF16");
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &available, "whether this build has the kernels (AVX-512 BF16)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows in one pass");
+  m.def("rope_into", &rope_into, "rotary embedding of bfloat16 rows into out, in one pass");
+}
