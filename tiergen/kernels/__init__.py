@@ -43,10 +43,20 @@ def load(name: str) -> ModuleType | None:
         return _built[name]
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _build(name: str) -> ModuleType | None:
     src = SOURCES[name]
-    # one build per source, flags and torch: a changed kernel never loads a stale build
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
+    # one build per source, flags, torch and CPU: a changed kernel never loads a stale build, and
+    # a cache shared by machines never hands one a build for another's instruction set
+    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                         + _cpu_flags().encode())
     tag = f"tiergen_{name}_{key.hexdigest()[:12]}"
     where = cache_dir() / tag
     try:
