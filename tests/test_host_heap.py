@@ -58,3 +58,24 @@ def test_huge_empty_is_aligned_usable_and_outlives_its_maker():
     assert float(col.float().sum()) == 1.5 * 256 * 3 * 64     # the mapping lives while a view does
     if _thp_mode() in ("madvise", "always"):
         assert _anon_huge() - before >= 4 * host_heap.HUGE_PAGE   # backed by 2 MiB pages
+
+
+def _can_populate() -> bool:
+    import mmap
+    mm = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm.madvise(host_heap.MADV_POPULATE_WRITE)
+        return True
+    except OSError:
+        return False
+    finally:
+        mm.close()
+
+
+@pytest.mark.skipif(not _can_populate(), reason="this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+def test_huge_empty_is_resident_before_first_touch():
+    before = host_heap.anon_resident()
+    t = host_heap.huge_empty((64, 1 << 20), torch.uint8)     # 64 MiB, never written
+    grown = host_heap.anon_resident() - before
+    assert grown >= 60 << 20, grown
+    del t

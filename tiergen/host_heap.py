@@ -73,6 +73,7 @@ def release_if_grown(limit: int = GROWTH_LIMIT) -> bool:
 
 
 HUGE_PAGE = 2 << 20
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 def anonymous_bytes(nbytes: int, align: int, huge: bool = False) -> torch.Tensor:
@@ -83,6 +84,13 @@ def anonymous_bytes(nbytes: int, align: int, huge: bool = False) -> torch.Tensor
     mm = mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         mm.madvise(mmap.MADV_HUGEPAGE)
+        # Fault the whole buffer in at once: a head-major cache's first writes touch every
+        # 2 MiB page anyway, and one by one each fault may stop to compact memory (755 MB of
+        # a fresh process: 0.38 s touched, 0.12 s populated). Linux 5.14+; elsewhere a no-op.
+        try:
+            mm.madvise(MADV_POPULATE_WRITE)
+        except OSError:
+            pass
     # The tensor holds a memoryview, and a live memoryview export makes mmap.close()
     # fail, so the mapping cannot be unmapped while any view of the tensor exists
     # (torch.frombuffer keeps a reference to the object it is given but drops the
