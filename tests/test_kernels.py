@@ -7,7 +7,7 @@ from tiergen import LLM, SamplingParams, kernels
 from tiergen.models import attention as attn
 
 mod = kernels.load("decode_attention")
-pytestmark = pytest.mark.skipif(mod is None, reason="the kernel cannot be built here (needs a C++ compiler, "
+needs_attn = pytest.mark.skipif(mod is None, reason="the kernel cannot be built here (needs a C++ compiler, "
                                 "ninja and AVX-512 BF16)")
 
 
@@ -30,6 +30,7 @@ def case(B, H, Hkv, D, S, cap, seed):
     return q, kbuf[:, :, :S], vbuf[:, :, :S], mask
 
 
+@needs_attn
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (14, 2, 64), (32, 4, 128), (12, 4, 96)])
 @pytest.mark.parametrize("S", [1, 15, 16, 17, 70])
 def test_kernel_matches_reference(H, Hkv, D, S):
@@ -44,6 +45,7 @@ def test_kernel_matches_reference(H, Hkv, D, S):
     torch.testing.assert_close(got.float(), sdpa.float(), rtol=2 ** -6, atol=2 ** -7)
 
 
+@needs_attn
 def test_token_major_views_and_large_scores():
     # host rows are token-major [S, B, Hkv, D], attended through permuted views; peaked scores
     # (one key far above the rest) must not overflow the exponentials
@@ -60,6 +62,7 @@ def test_token_major_views_and_large_scores():
     torch.testing.assert_close(got.double(), reference(q, k, v, mask, 0.125), rtol=2 ** -7, atol=2 ** -9)
 
 
+@needs_attn
 def test_unsupported_layouts_fall_back_to_sdpa():
     assert not mod.supports(32, 2, 64)    # 16 query heads a group
     assert not mod.supports(8, 8, 80)     # head size not a multiple of 32 we build
@@ -82,6 +85,7 @@ def teacher_forced_logits(llm, ids, tokens):
     return torch.stack([eng.decode_step([mb], [torch.tensor([t])])[0][0] for t in tokens])
 
 
+@needs_attn
 def test_engine_decodes_through_the_kernel_as_accurately_as_sdpa(hf_model_dirs, monkeypatch):
     hf, path = hf_model_dirs("llama_d64")
     ids = [1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64]
@@ -100,6 +104,7 @@ def test_engine_decodes_through_the_kernel_as_accurately_as_sdpa(hf_model_dirs, 
     assert err <= 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
 
 
+@needs_attn
 def test_kernel_decodes_alike_from_every_cache_placement(hf_model_dirs, tmp_path):
     from tiergen import Policy
     _, path = hf_model_dirs("llama_d64")
@@ -157,3 +162,25 @@ def test_rope_kernel_is_bit_identical_to_torch(H, D, rd):
         rope.kernels.for_bf16_rows = fast
     assert torch.equal(got, want)
     assert torch.equal(got[..., rd:], x[..., rd:])
+
+
+def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    kernels._clear_stale_lock(tmp_path)
+    assert lock.exists()                                  # a build may be running: wait for it
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    kernels._clear_stale_lock(tmp_path)
+    assert not lock.exists()                              # left by a killed build: cleared
+    kernels._clear_stale_lock(tmp_path)                   # and no lock at all is fine
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("TIERGEN_KERNELS", "0")
+    assert kernels.load("decode_attention") is None and kernels.for_bf16_rows(torch.ones(2).bfloat16()) is None
+    q = torch.randn(2, 9, 1, 64).bfloat16()
+    k = torch.randn(2, 3, 5, 64).bfloat16()
+    assert attn.decode_kernel(q, k, k) is None

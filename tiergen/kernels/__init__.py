@@ -10,6 +10,7 @@ import hashlib
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -51,6 +52,17 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _clear_stale_lock(where: Path, max_age_s: float = 600.0) -> None:
+    """torch's loader waits while a build's lock file exists; one left by a build that was
+    killed would make every later start wait forever. No build takes ten minutes."""
+    lock = where / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _build(name: str) -> ModuleType | None:
     src = SOURCES[name]
     # one build per source, flags, torch and CPU: a changed kernel never loads a stale build, and
@@ -61,6 +73,7 @@ def _build(name: str) -> ModuleType | None:
     where = cache_dir() / tag
     try:
         where.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(where)
         if not any(where.glob(f"{tag}*.so")):
             print(f"tiergen: building the CPU {name.replace('_', '-')} kernel (once per machine, "
                   f"about half a minute)", file=sys.stderr, flush=True)
