@@ -67,7 +67,8 @@ def _build(name: str) -> ModuleType | None:
     src = SOURCES[name]
     # one build per source, flags, torch and CPU: a changed kernel never loads a stale build, and
     # a cache shared by machines never hands one a build for another's instruction set
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+    headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(CFLAGS).encode() + torch.__version__.encode()
                          + _cpu_flags().encode())
     tag = f"tiergen_{name}_{key.hexdigest()[:12]}"
     where = cache_dir() / tag

@@ -4,24 +4,16 @@
 // pair reads its cached K and V rows once for all G query heads that share
 // them, so the step runs at close to memory speed instead of paying a small
 // matrix product per query head.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
-#include <cstdint>
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define TIERGEN_HAVE_KERNEL 1
-#else
-#define TIERGEN_HAVE_KERNEL 0
-#endif
-
-bool available() { return TIERGEN_HAVE_KERNEL; }
-
 #if TIERGEN_HAVE_KERNEL
 namespace {
+
+using tiergen::load_bf16;
+using tiergen::store_bf16;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -57,10 +49,6 @@ inline __m512 sum16(const __m512* v) {
                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-inline __m512 bf16_to_f32(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 struct Args {
@@ -130,7 +118,7 @@ void attend_one(const Args& a, int64_t b, int64_t j, float* s) {
   for (int64_t t = 0; t < S; ++t) {
     const uint16_t* vrow = vb + t * a.vss;
     __m512 vf[DV];
-    for (int c = 0; c < DV; ++c) vf[c] = bf16_to_f32(vrow + 16 * c);
+    for (int c = 0; c < DV; ++c) vf[c] = load_bf16(vrow + 16 * c);
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(s[g * SP + t]);
       for (int c = 0; c < DV; ++c) acc[g][c] = _mm512_fmadd_ps(p, vf[c], acc[g][c]);
@@ -140,7 +128,7 @@ void attend_one(const Args& a, int64_t b, int64_t j, float* s) {
     uint16_t* orow = a.out + (b * a.H + j * G + g) * (32 * DP);
     const __m512 iv = _mm512_set1_ps(inv[g]);
     for (int c = 0; c < DV; ++c)
-      _mm256_storeu_si256((__m256i*)(orow + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[g][c], iv)));
+      store_bf16(orow + 16 * c, _mm512_mul_ps(acc[g][c], iv));
   }
 }
 

@@ -3,34 +3,20 @@
 // (tiergen/models/llama.py rms_norm, tiergen/models/rope.py apply_rope_into):
 // float32 arithmetic with the same roundings to bfloat16, so only the order of
 // a row's sum of squares can differ.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "common.h"
 
 #include <cmath>
-#include <cstdint>
-
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define TIERGEN_HAVE_KERNEL 1
-#else
-#define TIERGEN_HAVE_KERNEL 0
-#endif
-
-bool available() { return TIERGEN_HAVE_KERNEL; }
 
 #if TIERGEN_HAVE_KERNEL
 namespace {
 
-inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
+using tiergen::load_bf16;
+using tiergen::store_bf16;
+using tiergen::tail;
+
 inline __m512 round_bf16(__m512 x) {   // x rounded to bfloat16 and widened back
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
-inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
 }  // namespace
 #endif
