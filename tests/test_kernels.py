@@ -184,3 +184,12 @@ def test_kernels_can_be_switched_off(monkeypatch):
     q = torch.randn(2, 9, 1, 64).bfloat16()
     k = torch.randn(2, 3, 5, 64).bfloat16()
     assert attn.decode_kernel(q, k, k) is None
+
+
+def test_llm_builds_its_kernels_before_generating(monkeypatch):
+    loaded = []
+    monkeypatch.setattr(kernels, "load", lambda name: loaded.append(name))
+    LLM("smollm2-135m", dtype="float32")
+    assert loaded == []                                  # float32 runs use none
+    LLM("smollm2-135m", dtype="bfloat16")
+    assert sorted(loaded) == sorted(kernels.SOURCES)

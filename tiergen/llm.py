@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from . import kernels
 from .disk import IOPool, OffloadDir
 from .engine import Engine
 from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError
@@ -175,6 +176,7 @@ class LLM:
             self.close()
             raise
         self.engine = Engine(self.model, self.weights, self.runtime, policy)
+        kernels.warm(self.device.type == "cpu" or policy.cpu_attention, self.dtype)
 
     def close(self) -> None:
         """Remove offload files now (they are also removed at exit and on SIGTERM/SIGINT)."""

@@ -91,3 +91,11 @@ def for_bf16_rows(*tensors: torch.Tensor) -> ModuleType | None:
     if all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
         return load("rowwise")
     return None
+
+
+def warm(host_compute: bool, dtype: torch.dtype) -> None:
+    """Build (or load) now the kernels a run on the host at ``dtype`` will call, so the
+    one-time build does not land inside the first generation."""
+    if host_compute and dtype == torch.bfloat16:
+        for name in SOURCES:
+            load(name)
