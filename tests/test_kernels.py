@@ -154,12 +154,12 @@ def test_rope_kernel_is_bit_identical_to_torch(H, D, rd):
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     got, want = torch.empty_like(x), torch.empty_like(x)
     rows.rope_into(x, cos, sin, got)
-    fast = rope.kernels.for_bf16_rows
+    fast = rope.kernels.for_bf16
     try:
-        rope.kernels.for_bf16_rows = lambda *t: None      # the torch path
+        rope.kernels.for_bf16 = lambda *t: None           # the torch path
         rope.apply_rope_into(x, cos, sin, want)
     finally:
-        rope.kernels.for_bf16_rows = fast
+        rope.kernels.for_bf16 = fast
     assert torch.equal(got, want)
     assert torch.equal(got[..., rd:], x[..., rd:])
 
@@ -180,7 +180,7 @@ def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
 
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("TIERGEN_KERNELS", "0")
-    assert kernels.load("decode_attention") is None and kernels.for_bf16_rows(torch.ones(2).bfloat16()) is None
+    assert kernels.load("decode_attention") is None and kernels.for_bf16("rowwise", torch.ones(2).bfloat16()) is None
     q = torch.randn(2, 9, 1, 64).bfloat16()
     k = torch.randn(2, 3, 5, 64).bfloat16()
     assert attn.decode_kernel(q, k, k) is None

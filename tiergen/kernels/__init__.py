@@ -86,10 +86,11 @@ def _build(name: str) -> ModuleType | None:
         return None
 
 
-def for_bf16_rows(*tensors: torch.Tensor) -> ModuleType | None:
-    """The row-wise kernels (RMSNorm, RoPE) where they apply: bfloat16 CPU tensors."""
-    if all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
-        return load("rowwise")
+def for_bf16(name: str, *tensors: torch.Tensor) -> ModuleType | None:
+    """Kernel module ``name`` where it applies to ``tensors``: bfloat16 CPU tensors whose
+    last dimension is contiguous, the layout every kernel here reads."""
+    if all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in tensors):
+        return load(name)
     return None
 
 

@@ -22,9 +22,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The compiled one-token kernel (tiergen/kernels) where it handles these tensors, else None."""
-    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
-        return None
-    mod = kernels.load("decode_attention")
+    mod = kernels.for_bf16("decode_attention", q, k, v)
     if mod is None or not mod.supports(q.shape[1], k.shape[1], q.shape[-1]):
         return None
     return mod

@@ -14,7 +14,6 @@ import torch
 
 from ..config import ModelConfig
 from ..weights import prepack
-from ..weights.prepack import packed_linear
 
 Weights = dict[str, torch.Tensor]
 # Where a checkpoint tensor goes: ("embed" | "head" | layer index, our key).
@@ -64,7 +63,7 @@ class Model(Protocol):
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     if w.is_mkldnn:   # a resident CPU weight packed at load (weights/prepack.py)
-        return packed_linear(x, w, b)
+        return prepack.packed_linear(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
 

@@ -35,7 +35,7 @@ _NAMES = NameMap([
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32 and cast back before the gain, as the reference does.
-    fast = kernels.for_bf16_rows(x, w) if x.dim() == 2 and x.stride(-1) == 1 else None
+    fast = kernels.for_bf16("rowwise", x, w) if x.dim() == 2 else None
     if fast is not None:   # the same roundings in one pass (tiergen/kernels/rowwise.cpp)
         return fast.rms_norm(x, w, eps)
     xf = x.float()

@@ -315,8 +315,9 @@ def apply_rope_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: 
     rounded once, like ``apply_rope``.
     """
     rd = cos.shape[-1]
-    fast = kernels.for_bf16_rows(x, out) if cos.dtype == sin.dtype == torch.float32 else None
-    if fast is not None and x.dim() == 3 and all(t.stride(-1) == 1 for t in (x, out, cos, sin)):
+    float_angles = cos.dtype == sin.dtype == torch.float32 and cos.stride(-1) == sin.stride(-1) == 1
+    fast = kernels.for_bf16("rowwise", x, out) if float_angles and x.dim() == 3 else None
+    if fast is not None:
         fast.rope_into(x, cos, sin, out)   # the same arithmetic in one pass (tiergen/kernels/rowwise.cpp)
         return
     half = rd // 2
