@@ -132,18 +132,6 @@ void attend_one(const Args& a, int64_t b, int64_t j, float* s) {
   }
 }
 
-// Asks for a pair's K and V rows ahead of use: consecutive pairs sit far apart
-// in the cache, where the hardware prefetcher does not follow.
-inline void prefetch_pair(const Args& a, int64_t b, int64_t j, int64_t row_bytes) {
-  const char* kb = (const char*)(a.k + b * a.ksb + j * a.ksh);
-  const char* vb = (const char*)(a.v + b * a.vsb + j * a.vsh);
-  for (int64_t t = 0; t < a.S; ++t)
-    for (int64_t o = 0; o < row_bytes; o += 64) {
-      _mm_prefetch(kb + t * a.kss * 2 + o, _MM_HINT_T1);
-      _mm_prefetch(vb + t * a.vss * 2 + o, _MM_HINT_T1);
-    }
-}
-
 using ItemFn = void (*)(const Args&, int64_t, int64_t, float*);
 
 template <int DP>
@@ -206,10 +194,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int64_t G = H / Hkv, SP = (S + 15) / 16 * 16;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(G * SP);
-    for (int64_t item = begin; item < end; ++item) {
-      if (item + 1 < end) prefetch_pair(a, (item + 1) / Hkv, (item + 1) % Hkv, D * 2);
-      fn(a, item / Hkv, item % Hkv, s.data());
-    }
+    for (int64_t item = begin; item < end; ++item) fn(a, item / Hkv, item % Hkv, s.data());
   });
 #else
   TORCH_CHECK(false, "decode_attention: built without AVX-512 BF16");
