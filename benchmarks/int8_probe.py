@@ -10,7 +10,7 @@ weights (offline, once) and activations (per call) and multiplies with ``torch._
 * the speed of each scheme's linear (activation quantization + int matmul(s) + rescale, weights
   pre-quantized and pre-transposed) against ``F.linear`` in float32, at 256 rows (decode at
   batch 256), 1365 rows (the engine's CPU layer chunk, 8 MiB / (1536 * 4 B)) and 4096 rows,
-  summed over one layer's seven projections (q, k, v, o, gate, up, down),
+  summed over one layer's projections (stacked qkv, o, gate, up, down),
 * the LM head (576 -> 49152) in int8: greedy-argmax agreement with float32 and its speed.
 
 Schemes (W: weights, A: activations; "sym": symmetric, scales per output channel / per token):
@@ -28,7 +28,7 @@ Schemes (W: weights, A: activations; "sym": symmetric, scales per output channel
   sq-A         (c) SmoothQuant: per-input-channel s_j = max|x_j|^A / max|W_j|^(1-A), activation
                maxima from a calibration pass over a *different* text (docstrings of other stdlib
                modules); simulated as x/s, W*s, which folds exactly into attn_norm (q,k,v),
-               ffn_norm (gate, up), w_v's rows (o; s shared by the 3 query heads of a kv head)
+               ffn_norm (gate, up), the v rows of w_qkv (o; s shared by the 3 query heads of a kv head)
                and w_up's rows (down), so it costs nothing at run time
   sq-A-asym    (c)+(d)
   ol-N         W8A8 except N fixed input channels per input site (largest calibration max), which
@@ -61,10 +61,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import tiergen.models.llama as L  # noqa: E402
 
-KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-SITE = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "o", "w_gate": "mlp", "w_up": "mlp", "w_down": "down"}
+# tiergen stores q, k and v stacked as one w_qkv (tiergen/weights/fusion.py)
+KEYS = ("w_qkv", "wo", "w_gate", "w_up", "w_down")
+SITE = {"w_qkv": "attn", "wo": "o", "w_gate": "mlp", "w_up": "mlp", "w_down": "down"}
 HIDDEN, FFN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 49152, 9, 3, 64
-SHAPES = {"wq": (576, 576), "wk": (192, 576), "wv": (192, 576), "wo": (576, 576),
+SHAPES = {"w_qkv": (960, 576), "wo": (576, 576),
           "w_gate": (1536, 576), "w_up": (1536, 576), "w_down": (576, 1536)}
 
 
@@ -335,7 +336,7 @@ def bench(fn, reps: int, min_s: float = 0.3) -> float:
 
 
 def speed(kinds: list[str], rows: list[int]) -> dict:
-    """Seconds per layer (7 projections, each scheme's full linear) and per LM head call."""
+    """Seconds per layer (every projection, each scheme's full linear) and per LM head call."""
     torch.manual_seed(0)
     ws = {k: torch.randn(*s) * 0.05 for k, s in SHAPES.items()}
     ws["lm_head"] = torch.randn(VOCAB, HIDDEN) * 0.05
@@ -407,7 +408,7 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | {r['ppl']:.3f} | {d} | {agree} | {su(256)} | {su(1365)} | {su(4096)} | {hs} |")
     if sp:
         lines.append("")
-        lines.append("ms per layer (7 projections) / per LM head call:")
+        lines.append(f"ms per layer ({len(KEYS)} projections) / per LM head call:")
         for k, v in sp.items():
             lines.append(f"  {k:>18}: layer {v['layer_s'] * 1e3:7.2f}" +
                          (f"  head {v['head_s'] * 1e3:7.2f}" if "head_s" in v else ""))

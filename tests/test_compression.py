@@ -26,7 +26,7 @@ RESIDENT = dict(w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache
 def dequantized_copy(hf, llm):
     """transformers model whose compressible weights are replaced by dequantize(quantize(w))."""
     ref = copy.deepcopy(hf)
-    shapes = llm.model.shapes()
+    shapes = llm.model.checkpoint_shapes()
     n = 0
     with torch.no_grad():
         for name, p in ref.named_parameters():

@@ -63,7 +63,7 @@ def test_hub_id_from_local_cache(hf_model_dirs, tmp_path, monkeypatch):
 def test_bf16_close_to_fp32(hf_model_dirs):
     _, path = hf_model_dirs("llama_gqa")
     a, b = LLM(path, dtype="float32"), LLM(path, dtype="bfloat16")
-    assert b.weights.group(0)["wq"].dtype == torch.bfloat16
+    assert b.weights.group(0)["w_qkv"].dtype == torch.bfloat16
     sa, sb = a.score(token_ids=[list(range(1, 60))])[0], b.score(token_ids=[list(range(1, 60))])[0]
     assert abs(sa.logprob - sb.logprob) <= 0.03 * abs(sa.logprob)
 

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..weights import prepack
+from ..weights.fusion import Fusion, fuse_shapes
 
 Weights = dict[str, torch.Tensor]
 # Where a checkpoint tensor goes: ("embed" | "head" | layer index, our key).
@@ -58,7 +59,26 @@ class Model(Protocol):
         """The final hidden state as the LM head's projection ``w["lm_head"]`` takes it."""
         ...
     def slot(self, hf_name: str) -> Slot | None: ...
-    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]: ...
+    def checkpoint_shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+        """Every group's tensors as a checkpoint holds them (the keys ``slot`` returns)."""
+        ...
+    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+        """Every group's tensors as stored and computed with: the checkpoint's, with each
+        layer's ``fusion`` applied (weights/fusion.py)."""
+        ...
+    fusion: Fusion
+
+
+class Family:
+    """What the families share: stored shapes derive from the checkpoint's and ``fusion``."""
+    fusion: Fusion = {}
+
+    def checkpoint_shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+        return {g: fuse_shapes(s, self.fusion) if isinstance(g, int) else s
+                for g, s in self.checkpoint_shapes().items()}
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

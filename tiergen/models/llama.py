@@ -5,8 +5,8 @@ import torch
 
 from .. import kernels
 from ..config import ModelConfig
-from .base import (LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
-                   linear_mul, register, row_chunks)
+from .base import (Family, LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act,
+                   linear_add, linear_mul, register, row_chunks)
 from .rope import apply_rope_into, rope_cos_sin
 
 _L = r"(?:model\.)?layers\.(?P<i>\d+)\."
@@ -45,7 +45,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @register("llama")
-class Llama:
+class Llama(Family):
+    # one product for Q, K and V (weights/fusion.py); the MLP's gate and up stay apart, so
+    # oneDNN applies SiLU and the gate product to their float32 sums, rounding once
+    fusion = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv")}
+
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.act = activation(cfg.activation)
@@ -53,7 +57,7 @@ class Llama:
     def slot(self, hf_name: str):
         return _NAMES(hf_name)
 
-    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+    def checkpoint_shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
         c = self.cfg
         h, q, kv, f = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.ffn_dim
         layer = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
@@ -93,9 +97,10 @@ class Llama:
         v = x.new_empty(n, Hkv, D)
         for r in chunks:
             h = rms_norm(rows[r], w["attn_norm"], c.norm_eps)
-            apply_rope_into(linear(h, w["wq"], w.get("bq")).view(-1, H, D), cos[r], sin[r], q[r])
-            apply_rope_into(linear(h, w["wk"], w.get("bk")).view(-1, Hkv, D), cos[r], sin[r], k[r])
-            v[r] = linear(h, w["wv"], w.get("bv")).view(-1, Hkv, D)
+            qr, kr, vr = linear(h, w["w_qkv"], w.get("b_qkv")).split((H * D, Hkv * D, Hkv * D), -1)
+            apply_rope_into(qr.view(-1, H, D), cos[r], sin[r], q[r])
+            apply_rope_into(kr.view(-1, Hkv, D), cos[r], sin[r], k[r])
+            v[r] = vr.view(-1, Hkv, D)
         heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
                  v.view(B, T, Hkv, D).transpose(1, 2))
         o = kv.attend(*heads, ctx).transpose(1, 2).reshape(n, H * D)

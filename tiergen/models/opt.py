@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .base import (LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
+from .base import (Family, LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
                    register, row_chunks)
 
 # Learned position embeddings are offset by 2 (a fairseq legacy).
@@ -40,7 +40,9 @@ _NAMES = NameMap([
 
 
 @register("opt")
-class OPT:
+class OPT(Family):
+    fusion = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv")}   # one product (weights/fusion.py)
+
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.act = activation(cfg.activation)
@@ -50,7 +52,7 @@ class OPT:
     def slot(self, hf_name: str):
         return _NAMES(hf_name)
 
-    def shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
+    def checkpoint_shapes(self) -> dict[str | int, dict[str, tuple[int, ...]]]:
         c = self.cfg
         h, e, f = c.hidden_size, c.word_embed_proj_dim, c.ffn_dim
         layer: dict[str, tuple[int, ...]] = {}
@@ -94,12 +96,9 @@ class OPT:
         rows = x.reshape(B * T, E)
         chunks = row_chunks(B * T, ctx.chunk_rows)
         # Token-wise work runs chunk by chunk; only attention needs every token at once.
-        qkv: list[list[torch.Tensor]] = [[], [], []]
-        for r in chunks:
-            h = self._ln(rows[r], w, "ln1") if pre else rows[r]
-            for i, p in enumerate("qkv"):
-                qkv[i].append(linear(h, w[f"w{p}"], w.get(f"b{p}")))
-        q, k, v = (join_rows(parts).view(B, T, c.num_heads, c.head_dim).transpose(1, 2) for parts in qkv)
+        qkv = join_rows([linear(self._ln(rows[r], w, "ln1") if pre else rows[r], w["w_qkv"], w.get("b_qkv"))
+                         for r in chunks])
+        q, k, v = (t.view(B, T, c.num_heads, c.head_dim).transpose(1, 2) for t in qkv.chunk(3, -1))
         o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B * T, -1)
         out = []
         for r in chunks:

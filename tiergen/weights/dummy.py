@@ -21,7 +21,7 @@ def _group_seed(seed: int, g: str | int) -> int:
 def dummy_group(model: Model, g: str | int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(_group_seed(seed, g))
     out = {}
-    for key, shape in model.shapes()[g].items():
+    for key, shape in model.checkpoint_shapes()[g].items():
         if len(shape) == 1:
             # Norm gains near 1, biases near 0: keeps activations in a sane range.
             base = 1.0 if ("norm" in key or key.startswith("ln")) and not key.endswith("_b") else 0.0
@@ -33,6 +33,6 @@ def dummy_group(model: Model, g: str | int, seed: int, dtype: torch.dtype) -> di
 
 
 def iter_dummy(model: Model, seed: int, dtype: torch.dtype) -> Iterator[tuple[Slot, torch.Tensor]]:
-    for g in model.shapes():
+    for g in model.checkpoint_shapes():
         for key, t in dummy_group(model, g, seed, dtype).items():
             yield (g, key), t

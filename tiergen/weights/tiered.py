@@ -32,6 +32,7 @@ from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
 from . import prepack
+from .fusion import fuse_tensors
 from .source import ModelSource
 
 ALIGN = 4096
@@ -188,7 +189,9 @@ class TieredWeights:
 
     def _load_all(self, source: ModelSource, model: Model, shapes: dict, pin: bool) -> None:
         seen: set[tuple[Any, str]] = set()
-        for (g, key), t in source.tensors(model, self.dtype):
+        tensors = fuse_tensors(source.tensors(model, self.dtype), model.fusion, model.checkpoint_shapes(),
+                               source.description)
+        for (g, key), t in tensors:
             if g not in shapes or key not in shapes[g] or (self.tied and (g, key) == ("head", "lm_head")):
                 continue   # e.g. a checkpoint's copy of tied embeddings
             if tuple(t.shape) != tuple(shapes[g][key]):
