@@ -13,8 +13,8 @@ def test_chunked_rows_match_whole(name, hf_model_dirs):
     _, path = hf_model_dirs(name)
     whole = LLM(path, dtype="float32", batch_size=4)
     chunked = LLM(path, dtype="float32", batch_size=4)
-    whole.engine.chunk_rows = whole.engine.head_chunk_bytes = None
-    chunked.engine.chunk_rows, chunked.engine.head_chunk_bytes = 7, 1   # ragged last chunks, 256-id slices
+    whole.engine.chunk_rows = whole.engine.head_slice_rows = None
+    chunked.engine.chunk_rows, chunked.engine.head_slice_rows = 7, 256   # ragged last chunks and slices
     a = whole.score(token_ids=PROMPTS)
     b = chunked.score(token_ids=PROMPTS)
     for x, y in zip(a, b):
@@ -27,7 +27,7 @@ def test_chunked_rows_match_whole(name, hf_model_dirs):
 
 def test_cpu_engine_chunks_by_default():
     llm = LLM("smollm2-135m", dtype="float32")
-    assert llm.engine.chunk_rows and llm.engine.head_chunk_bytes
+    assert llm.engine.chunk_rows and llm.engine.head_slice_rows
     assert llm.engine.chunk_rows * llm.config.ffn_dim * 4 <= 16 << 20
 
 
@@ -46,6 +46,6 @@ def test_sliced_greedy_head_is_argmax_of_full_logits(dtype):
     x[:8] = w["lm_head"][90]                  # rows whose best is the tied pair
     x[8:16] = w["lm_head"][998]
     full = torch.nn.functional.linear(x, w["lm_head"]).float().argmax(-1)
-    sliced = greedy_head(_Plain(), w, x, chunk_bytes=1)
+    sliced = greedy_head(_Plain(), w, x, slice_rows=256)
     assert torch.equal(sliced, full)
     assert (sliced[:8] == 90).all() and (sliced[8:16] == 998).all()

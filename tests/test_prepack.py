@@ -24,8 +24,8 @@ def test_packed_weights_match_plain_bit_for_bit(name, hf_model_dirs, monkeypatch
     layer = packed.weights.homes[0]
     mats = [k for k, h in layer.items() if len(h.shape) == 2]
     assert mats and all(layer[k].tensor.is_mkldnn for k in mats)
-    assert not any(h.tensor.is_mkldnn for g in ("embed", "head") for h in packed.weights.homes[g].values()
-                   if h.tensor is not None)
+    assert not any(h.tensor.is_mkldnn for h in packed.weights.homes["embed"].values())
+    assert isinstance(packed.weights.homes["head"]["lm_head"].tensor, prepack.PackedRows)
     got = run(packed)
     monkeypatch.setattr(prepack, "packable", lambda t: False)
     plain = LLM(path, dtype="bfloat16", batch_size=4)
@@ -40,6 +40,47 @@ def test_packed_weights_match_plain_bit_for_bit(name, hf_model_dirs, monkeypatch
     disk = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
                offload_dir=str(tmp_path))
     assert disk.weights.homes[0][mats[0]].tier == "disk"
+    assert run(disk) == got
+
+
+def test_packed_head_slices_compute_what_plain_slices_do():
+    from tiergen.models.base import _vocab_logits, greedy_head
+
+    class Plain:
+        def head_features(self, w, x):
+            return x
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 64, generator=g).bfloat16()
+    w[700] = w[90]                       # a tie across slices: the lower id wins
+    x = torch.randn(48, 64, generator=g).bfloat16()
+    x[:4] = w[90]
+    packed = prepack.PackedRows(w, 256)
+    assert len(packed.parts) == 4 and packed.nbytes == w.nbytes
+    plain_logits = torch.cat([torch.nn.functional.linear(x, w[s:s + 256]) for s in range(0, 1000, 256)], -1)
+    assert torch.equal(_vocab_logits(x, packed), plain_logits)
+    ids = greedy_head(Plain(), {"lm_head": packed}, x, slice_rows=256)
+    assert torch.equal(ids, greedy_head(Plain(), {"lm_head": w}, x, slice_rows=256))
+    assert torch.equal(ids, plain_logits.float().argmax(-1)) and (ids[:4] == 90).all()
+    assert torch.equal(greedy_head(Plain(), {"lm_head": packed}, x), ids)    # unsliced: the slices' logits
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "llama_gqa"])
+def test_packed_head_is_counted_and_streamed_heads_agree(name, hf_model_dirs, tmp_path):
+    from tiergen.memory_plan import weight_demand
+    _, path = hf_model_dirs(name)
+    llm = LLM(path, dtype="bfloat16", batch_size=4)
+    head = llm.weights.homes["head"]["lm_head"]
+    assert isinstance(head.tensor, prepack.PackedRows)
+    extra = weight_demand(llm.model, torch.bfloat16, llm.policy, llm.device)["gpu"]["packed LM head"]
+    # a tied head takes a packed copy beside the embedding's rows, charged to its tier; an untied one is replaced
+    assert extra == (head.nbytes if llm.weights.tied else 0)
+    assert llm.weights.nbytes_by_tier()["gpu"] == sum(h.nbytes for hs in llm.weights.homes.values()
+                                                       for h in hs.values())
+    got = run(llm)
+    # the same head streamed from disk is plain, sliced the same way: the same tokens and scores
+    disk = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
+               offload_dir=str(tmp_path))
+    assert not isinstance(disk.weights.homes["head"]["lm_head"].tensor, prepack.PackedRows)
     assert run(disk) == got
 
 

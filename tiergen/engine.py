@@ -15,7 +15,7 @@ import torch
 from . import host_heap
 from .kv_cache import KVCache, Runtime
 from .models.attention import build_mask
-from .models.base import Model, StepContext, Weights, greedy_head, head
+from .models.base import HEAD_SLICE_ROWS, Model, StepContext, Weights, greedy_head, head
 from .policy import Policy, split_rows
 from .sampling import SamplingParams, make_generators, sample
 from .schedule import plan
@@ -27,10 +27,6 @@ from .sequence import Sequence, Stopper
 # instead of streaming through RAM, and the allocator reuses the same blocks
 # instead of faulting in fresh pages for every tensor.
 CPU_CHUNK_BYTES = 8 << 20
-# The greedy LM head's logits per vocabulary slice: the head weight is read once
-# per step rather than once per row chunk (a 49k x 576 head at 42-row chunks
-# took 30 ms of a 200 ms SmolLM2 decode step; slices of 4 MiB take 15 ms).
-HEAD_CHUNK_BYTES = 4 << 20
 
 
 class WeightStore(Protocol):
@@ -63,16 +59,18 @@ class Engine:
         self.device, self.dtype = rt.device, rt.dtype
         self._plans: dict[int, list] = {}
         self._kv_count = 0
-        self.chunk_rows, self.head_chunk_bytes = self._chunking()
+        self.chunk_rows, self.head_slice_rows = self._chunking()
 
     def _chunking(self) -> tuple[int | None, int | None]:
-        """Rows per chunk for layers, logit bytes per vocabulary slice of the greedy
-        head (None: no chunking, on a GPU)."""
+        """Rows per chunk for layers, vocabulary ids per slice of the greedy head (None:
+        no chunking, on a GPU). The head weight is read once a step in slices rather than
+        once per row chunk: a 49k x 576 head at 42-row chunks took 30 ms of a 200 ms
+        SmolLM2 decode step."""
         if self.device.type == "cuda":
             return None, None
         elem = torch.empty((), dtype=self.dtype).element_size()
         widest = max(self.cfg.ffn_dim, self.cfg.hidden_size)
-        return max(64, CPU_CHUNK_BYTES // (widest * elem)), HEAD_CHUNK_BYTES
+        return max(64, CPU_CHUNK_BYTES // (widest * elem)), HEAD_SLICE_ROWS
 
     # ------------------------------------------------------------- building
     def new_micro_batch(self, seqs: list[Sequence], extra_cols: int) -> tuple[MicroBatch, torch.Tensor]:
@@ -168,7 +166,7 @@ class Engine:
         """Next token per row of hidden [B,1,E]. Greedy needs only each row's argmax,
         so on a CPU the head runs over vocabulary slices and the [B,V] logits never exist."""
         if params.greedy:
-            return greedy_head(self.model, self.weights.group("head"), hidden[:, 0], self.head_chunk_bytes).cpu()
+            return greedy_head(self.model, self.weights.group("head"), hidden[:, 0], self.head_slice_rows).cpu()
         return sample(self.logits(hidden)[:, 0], params, generators)
 
     def sample_next(self, mbs: list[MicroBatch], hidden: list[torch.Tensor], params: SamplingParams,

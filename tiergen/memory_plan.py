@@ -1,7 +1,8 @@
 """Bytes a policy needs on each tier, computed before anything is allocated.
 
 weight_demand: the weights' homes plus the compute-side buffers that streamed
-layers pass through (two layers in flight when overlapping). block_demand: one
+layers pass through (two layers in flight when overlapping), and on a CPU the
+packed copy of a tied LM head. block_demand: one
 block's KV cache homes, the working buffers of host/disk cache rows (with
 overlap, CACHE_LOOKAHEAD of them prefetched), the activations, and the largest
 transient of a forward pass (prefill attention scores, the MLP intermediate or
@@ -16,7 +17,7 @@ from .kv_cache import cache_bytes
 from .models.base import Model
 from .policy import Policy, split_rows
 from .schedule import CACHE_LOOKAHEAD
-from .weights.tiered import placement_bytes
+from .weights.tiered import packs_head, placement_bytes
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -34,6 +35,9 @@ def weight_demand(model: Model, dtype: torch.dtype, policy: Policy, device: torc
               "disk": {"weights": placed["disk"]}}
     if device.type == "cuda":
         demand["cpu"]["weight staging buffers"] = in_flight
+    for tier in ("gpu", "cpu"):
+        if packs_head(tier, False, dtype, device):   # a tied head's packed copy beside the embedding
+            demand[tier]["packed LM head"] = placed[f"shared_head_{tier}"]
     return demand
 
 

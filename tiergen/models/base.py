@@ -108,27 +108,37 @@ def linear_add(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: 
     return other + linear(x, w, b)
 
 
+# The greedy head's vocabulary slice on a CPU: at 256 rows its bf16 logits take 4 MiB,
+# so a slice stays in cache while its maximum is taken, and the weight is read once a step.
+HEAD_SLICE_ROWS = 8192
+
+
 def head(model: Model, w: Weights, x: torch.Tensor) -> torch.Tensor:
     """Logits over the vocabulary: the family's final features, then the vocab projection."""
-    return linear(model.head_features(w, x), w["lm_head"])
+    return _vocab_logits(model.head_features(w, x), w["lm_head"])
 
 
-def greedy_head(model: Model, w: Weights, x: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+def _vocab_logits(h: torch.Tensor, weight: Any) -> torch.Tensor:
+    if isinstance(weight, prepack.PackedRows):
+        return torch.cat([linear(h, part) for _, part in weight.slices()], -1)
+    return linear(h, weight)
+
+
+def greedy_head(model: Model, w: Weights, x: torch.Tensor, slice_rows: int | None = None) -> torch.Tensor:
     """argmax of ``head(model, w, x)`` per row, on x's device.
 
-    With ``chunk_bytes`` the projection runs over slices of the vocabulary whose
-    logits take about that many bytes, keeping each row's running best: the
-    [B,V] logits never exist, the weight is read once, and each slice stays in
-    cache. Ties go to the lowest id, as argmax does.
+    With ``slice_rows`` the projection runs over slices of that many vocabulary ids,
+    keeping each row's running best: the [B,V] logits never exist, the weight is read
+    once, and each slice stays in cache. Ties go to the lowest id, as argmax does.
     """
     h = model.head_features(w, x)
-    weight = w["lm_head"]
-    if chunk_bytes is None:
-        return linear(h, weight).argmax(-1)
-    cols = max(256, chunk_bytes // (h.shape[0] * h.element_size()))
-    best, arg = linear(h, weight[:cols]).max(-1)
-    for c0 in range(cols, weight.shape[0], cols):
-        logits = linear(h, weight[c0:c0 + cols])
+    if slice_rows is None:
+        return _vocab_logits(h, w["lm_head"]).argmax(-1)
+    slices = prepack.row_slices(w["lm_head"], slice_rows)
+    _, first = next(slices)
+    best, arg = linear(h, first).max(-1)
+    for c0, part in slices:
+        logits = linear(h, part)
         # A max without indices is ~3x cheaper; only the rows this slice beats need its
         # argmax, and in natural text few do after the first slices (frequent ids come first).
         rows = (logits.amax(-1) > best).nonzero()[:, 0]

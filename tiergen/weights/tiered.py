@@ -27,7 +27,7 @@ import torch
 
 from ..disk import IOPool, OffloadDir, aligned_empty
 from ..errors import CheckpointError
-from ..models.base import Model, Weights
+from ..models.base import HEAD_SLICE_ROWS, Model, Weights
 from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_blob, quantize, to_blob
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
@@ -84,6 +84,13 @@ def place_group(sizes: dict[str, int], shares: tuple[float, float, float]) -> di
     return out
 
 
+def packs_head(tier: str, quantized: bool, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an LM head homed on ``tier`` is kept as packed vocabulary slices
+    (prepack.PackedRows): in host memory, computed with in place without a GPU, dense at
+    a dtype oneDNN packs. A tied one then takes a copy of its own beside the embedding's."""
+    return device.type == "cpu" and tier != "disk" and not quantized and prepack.available(dtype)
+
+
 def placed_shapes(model: Model) -> tuple[dict[str | int, dict[str, tuple[int, ...]]], bool]:
     """The model's weight groups, with a tied lm_head placed as a head tensor of its own."""
     shapes = dict(model.shapes())
@@ -108,13 +115,16 @@ def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float
     sizes, tied = group_sizes(model, dtype, quant, store)
     shapes, _ = placed_shapes(model)
     places = {g: place_group(s, shares) for g, s in sizes.items()}
-    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0, "max_dequantized_group": 0}
+    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0, "max_dequantized_group": 0,
+           "shared_head_gpu": 0, "shared_head_cpu": 0}
     for g, group in sizes.items():
         streamed = dense = 0
         for k, tier in places[g].items():
             n = stored_nbytes(g, k, shapes[g][k], dtype, quant, tied, tier, store)
             shared = tied and (g, k) == ("head", "lm_head") and tier == places["embed"]["tok"] != "disk"
             out[tier] += 0 if shared else n
+            if shared:
+                out[f"shared_head_{tier}"] += n
             streamed += n if tier != "gpu" else 0
             if converted(g, k, shapes[g][k], dtype, quant, tied, tier, store) and (g, k) not in GATHERED:
                 dense += _nbytes(shapes[g][k], dtype)
@@ -219,10 +229,20 @@ class TieredWeights:
     def _store(self, g: str | int, key: str, t: torch.Tensor, pin: bool, share: Home | None = None) -> None:
         """Home a checkpoint tensor as its Home says: a quantized blob or a dense copy at its dtype."""
         h = self.homes[g][key]
+        packed_head = (g, key) == ("head", "lm_head") and packs_head(h.tier, h.quant is not None, self.dtype,
+                                                                      self.device)
         if share is not None and share.tier == h.tier != "disk":
-            h.tensor = share.tensor      # tied head on the embedding's tier: one copy, counted once
+            if packed_head:   # the embedding gathers rows from its plain copy; the head gets a packed one
+                self.tiers[h.tier].alloc(h.nbytes, "packed LM head")
+                h.tensor = prepack.PackedRows(share.tensor, HEAD_SLICE_ROWS)
+            else:
+                h.tensor = share.tensor      # tied head on the embedding's tier: one copy, counted once
             return
         t = to_blob(quantize(t.to(h.dtype), h.quant)) if h.quant else t.to(h.dtype).contiguous()
+        if packed_head:
+            self.tiers[h.tier].alloc(h.nbytes, f"weight {key} of {g}")
+            h.tensor = prepack.PackedRows(t, HEAD_SLICE_ROWS)
+            return
         if h.tier == "gpu":
             self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {g}")
             h.tensor = self._maybe_pack(g, h, t.to(self.device))
