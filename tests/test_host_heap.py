@@ -79,3 +79,35 @@ def test_huge_empty_is_resident_before_first_touch():
     grown = host_heap.anon_resident() - before
     assert grown >= 60 << 20, grown
     del t
+
+
+def test_reused_blocks_are_not_faulted_in_again():
+    import resource
+    assert host_heap.reuse_freed_blocks()
+    host_heap.release()
+    n = 40 << 20   # over glibc's default mmap ceiling (32 MiB): by default mapped afresh each time
+    for _ in range(3):   # the heap settles on its blocks
+        t = torch.ones(n, dtype=torch.uint8)
+        del t
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        t = torch.ones(n, dtype=torch.uint8)   # touches every page
+        del t
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < (n // host_heap._PAGE) // 4   # a fresh block each time would be 5 x 10,240 faults
+    host_heap.release()
+
+
+def test_the_heap_may_keep_a_pass_worth_of_scratch_within_the_budget(hf_model_dirs):
+    from tiergen import LLM, SamplingParams
+    _, path = hf_model_dirs("llama_gqa")
+    llm = LLM(path, dtype="float32", batch_size=4)
+    llm.generate(prompt_token_ids=[[1, 2, 3]] * 4, params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert llm.engine.heap_limit >= host_heap.GROWTH_LIMIT
+    # under a cap with little headroom the heap keeps no more than the default growth
+    from tiergen.memory_plan import block_demand
+    demand = block_demand(llm.config, llm.dtype, llm.policy, llm.device, 4, 1, 3, 2)
+    assert llm.tiers.host_headroom(demand) <= llm.tiers.gpu.budget
+    tight = LLM(path, dtype="float32", batch_size=4, gpu_mem=llm.tiers.gpu.current + (1 << 20))
+    tight.generate(prompt_token_ids=[[1, 2, 3]] * 4, params=SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert tight.engine.heap_limit == host_heap.GROWTH_LIMIT

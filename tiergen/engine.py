@@ -60,6 +60,9 @@ class Engine:
         self._plans: dict[int, list] = {}
         self._kv_count = 0
         self.chunk_rows, self.head_slice_rows = self._chunking()
+        # how far the host heap may grow in a pass before freed memory goes back to the OS
+        # (LLM raises it to the block's planned scratch where the budget has room)
+        self.heap_limit = host_heap.GROWTH_LIMIT
 
     def _chunking(self) -> tuple[int | None, int | None]:
         """Rows per chunk for layers, vocabulary ids per slice of the greedy head (None:
@@ -123,7 +126,7 @@ class Engine:
                 acts[k].put(out)
             elif step.op == "release_weight":
                 self.weights.release(j)
-                host_heap.release_if_grown()   # a layer's worth of freed buffers
+                host_heap.release_if_grown(self.heap_limit)   # a layer's worth of freed buffers
         for mb, x in zip(mbs, ids):
             mb.col += x.shape[1]
         return [a.take() for a in acts]

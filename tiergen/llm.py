@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from . import kernels
+from . import host_heap, kernels
 from .disk import IOPool, OffloadDir
 from .engine import Engine
 from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError
@@ -177,6 +177,8 @@ class LLM:
             raise
         self.engine = Engine(self.model, self.weights, self.runtime, policy)
         kernels.warm(self.device.type == "cpu" or policy.cpu_attention, self.dtype)
+        if self.device.type == "cpu":
+            host_heap.reuse_freed_blocks()
 
     def close(self) -> None:
         """Remove offload files now (they are also removed at exit and on SIGTERM/SIGINT)."""
@@ -237,8 +239,13 @@ class LLM:
         """Refuse, before any work, a block whose cache and activations overflow a tier."""
         width = max(len(s.prompt_ids) for b in blocks for mb in b for s in mb)
         rows = max(len(mb) for b in blocks for mb in b)
-        self.tiers.check_fits(block_demand(self.config, self.dtype, self.policy, self.device,
-                                           rows, len(blocks[0]), width, new_tokens))
+        demand = block_demand(self.config, self.dtype, self.policy, self.device, rows, len(blocks[0]), width,
+                              new_tokens)
+        self.tiers.check_fits(demand)
+        if self.device.type == "cpu":
+            # a pass's freed scratch stays in the heap for the next layer, as far as the budget allows
+            self.engine.heap_limit = max(host_heap.GROWTH_LIMIT, min(
+                2 * demand["gpu"]["compute scratch"], self.tiers.host_headroom(demand)))
 
     # ------------------------------------------------------------- generate
     @torch.inference_mode()

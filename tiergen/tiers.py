@@ -153,6 +153,15 @@ class Tiers:
                     f"policy does not fit: with no GPU the gpu and cpu tiers share host RAM; they need "
                     f"{fmt_bytes(need)} but {fmt_bytes(have)} is available; over by {need - have} bytes")
 
+    def host_headroom(self, demand: dict[str, dict[str, int]]) -> int:
+        """Bytes of the compute tier (host RAM without a GPU) left over once ``demand`` is placed."""
+        free = self.gpu.budget - self.gpu.current - sum(demand.get("gpu", {}).values())
+        if self.shared_host:
+            host = self.host_limit - self.gpu.current - self.cpu.current - \
+                sum(sum(demand.get(n, {}).values()) for n in ("gpu", "cpu"))
+            free = min(free, host)
+        return max(0, free)
+
     def report(self) -> dict[str, dict[str, int]]:
         tiers = {t.name: {"budget": t.budget, "current": t.current, "peak": t.peak}
                  for t in (self.gpu, self.cpu, self.disk)}
