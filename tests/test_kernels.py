@@ -39,10 +39,13 @@ def test_kernel_matches_reference(H, Hkv, D, S):
     got = mod.decode_attention(q, k, v, mask, D ** -0.5)
     want = reference(q, k, v, mask, D ** -0.5)
     assert got.shape == (5, H, 1, D) and got.dtype == torch.bfloat16
-    # float32 arithmetic, one bf16 rounding of the output: within a bf16 ulp or two
-    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -9)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
     torch.testing.assert_close(got.float(), sdpa.float(), rtol=2 ** -6, atol=2 ** -7)
+    # float32 scores and sums, the softmax weights rounded to bf16 for the value sum as SDPA's
+    # kernel rounds them: no further from float64 than SDPA is
+    err, err_sdpa = (got.double() - want).abs(), (sdpa.double() - want).abs()
+    assert err.max() <= 1.25 * err_sdpa.max() + 2 ** -12
+    assert err.mean() <= 1.05 * err_sdpa.mean() + 2 ** -16
 
 
 @needs_attn
