@@ -32,16 +32,17 @@ def test_sharded_safetensors_equal_single_file(hf_model_dirs, tmp_path):
     assert greedy(LLM(str(shard_dir), dtype="float32")) == greedy(LLM(path, dtype="float32"))
 
 
-def test_missing_tensor_is_named(hf_model_dirs, tmp_path):
+@pytest.mark.parametrize("name,key", [("mlp.up_proj", "w_up"), ("self_attn.k_proj", "wk")])   # wk: one of w_qkv's parts
+def test_missing_tensor_is_named(hf_model_dirs, tmp_path, name, key):
     from tiergen import CheckpointError
     _, path = hf_model_dirs("llama_gqa")
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    del tensors[f"model.layers.1.{name}.weight"]
     d = tmp_path / "holey"
     d.mkdir()
     shutil.copy(os.path.join(path, "config.json"), d)
     save_file(tensors, str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="w_up"):
+    with pytest.raises(CheckpointError, match=f"missing weight '{key}' of layer 1"):
         LLM(str(d))
 
 
