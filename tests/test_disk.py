@@ -326,7 +326,10 @@ def test_offload_dir_removed_when_unreferenced(tmp_path):
 
 
 CHILD = r"""
-import sys, time, torch
+import signal, sys, time, torch
+# a suite started from a background job hands its children SIGINT ignored; the test is of
+# an interactive process, where Python raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from tiergen.disk import OffloadDir
 d = OffloadDir(sys.argv[1])
 f = d.new_file("weights.bin", 3 * 4096 + 17)
