@@ -167,6 +167,22 @@ def test_rope_kernel_is_bit_identical_to_torch(H, D, rd):
     assert torch.equal(got[..., rd:], x[..., rd:])
 
 
+@needs_rows
+@pytest.mark.parametrize("C", [1, 15, 16, 100, 8192])
+def test_running_argmax_kernel_is_argmax_of_the_whole_row(C):
+    g = torch.Generator().manual_seed(C)
+    logits = (torch.randn(40, 3 * C, generator=g) * 4).bfloat16()
+    logits[:5] = logits[:5].round()                  # many exact ties, within and across slices
+    logits[5, :] = float("-inf")                     # nothing finite: id 0, as argmax says
+    logits[6, C + 3 if 3 * C > C + 3 else 0] = 1e4   # a peak in a later slice
+    best, arg = torch.empty(40), torch.empty(40, dtype=torch.long)
+    for i, c0 in enumerate(range(0, 3 * C, C)):
+        rows.argmax_update(logits[:, c0:c0 + C], best, arg, c0, i == 0)   # strided slices
+    want = logits.float().argmax(-1)
+    assert torch.equal(arg, want)
+    assert torch.equal(best[6:], logits[6:].float().amax(-1))
+
+
 def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
     import os
     import time

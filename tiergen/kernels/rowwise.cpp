@@ -1,11 +1,12 @@
-// Token-wise row operations of a Llama layer on bfloat16 rows, each in one pass:
-// RMSNorm and rotary embedding. Each reproduces the torch code it stands in for
+// Token-wise row operations on bfloat16 rows, each in one pass: RMSNorm and rotary
+// embedding of a Llama layer, and the greedy head's running argmax. Each reproduces the torch code it stands in for
 // (tiergen/models/llama.py rms_norm, tiergen/models/rope.py apply_rope_into):
 // float32 arithmetic with the same roundings to bfloat16, so only the order of
 // a row's sum of squares can differ.
 #include "common.h"
 
 #include <cmath>
+#include <limits>
 
 #if TIERGEN_HAVE_KERNEL
 namespace {
@@ -98,8 +99,53 @@ void rope_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Te
 #endif
 }
 
+// The greedy head over one vocabulary slice: for each row of logits [N, C] (bfloat16, unit
+// last stride) its largest value and first index; best [N] float32 and arg [N] int64 take
+// them (plus offset) where ``first`` or where they beat the row's best so far -- ties go to
+// the lower id, as torch's argmax over the whole vocabulary. NaNs are not ordered.
+void argmax_update(const torch::Tensor& logits, torch::Tensor& best, torch::Tensor& arg, int64_t offset,
+                   bool first) {
+  TORCH_CHECK(logits.scalar_type() == at::kBFloat16 && logits.dim() == 2 && logits.stride(1) == 1 &&
+              best.scalar_type() == at::kFloat && arg.scalar_type() == at::kLong && best.is_contiguous() &&
+              arg.is_contiguous() && best.numel() == logits.size(0) && arg.numel() == logits.size(0) &&
+              logits.size(1) > 0 && logits.size(1) < (1LL << 31),
+              "argmax_update: bfloat16 logits [N, C], float32 best [N] and int64 arg [N] expected");
+  const int64_t N = logits.size(0), C = logits.size(1), ls = logits.stride(0);
+#if TIERGEN_HAVE_KERNEL
+  const uint16_t* lp = (const uint16_t*)logits.data_ptr();
+  float* bp = best.data_ptr<float>();
+  int64_t* ap = arg.data_ptr<int64_t>();
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* row = lp + r * ls;
+      __m512 vmax = ninf;
+      __m512i vidx = _mm512_setzero_si512();
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 m = tail(C - c);
+        const __m512 v = _mm512_mask_mov_ps(ninf, m, load_bf16(row + c, m));
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);   // strict: each lane keeps its first
+        vmax = _mm512_mask_mov_ps(vmax, gt, v);
+        vidx = _mm512_mask_mov_epi32(vidx, gt, _mm512_add_epi32(lane, _mm512_set1_epi32((int)c)));
+      }
+      const float mx = _mm512_reduce_max_ps(vmax);
+      const __mmask16 at_max = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+      const int idx = at_max ? _mm512_mask_reduce_min_epi32(at_max, vidx) : 0;   // all -inf: the first id
+      if (first || mx > bp[r]) {
+        bp[r] = mx;
+        ap[r] = offset + idx;
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "argmax_update: built without AVX-512 BF16");
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this build has the kernels (AVX-512 BF16)");
   m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows in one pass");
   m.def("rope_into", &rope_into, "rotary embedding of bfloat16 rows into out, in one pass");
+  m.def("argmax_update", &argmax_update, "running greedy argmax over one slice of bfloat16 logits");
 }

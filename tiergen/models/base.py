@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from .. import kernels
 from ..config import ModelConfig
 from ..weights import prepack
 from ..weights.fusion import Fusion, fuse_shapes
@@ -135,6 +136,13 @@ def greedy_head(model: Model, w: Weights, x: torch.Tensor, slice_rows: int | Non
     if slice_rows is None:
         return _vocab_logits(h, w["lm_head"]).argmax(-1)
     slices = prepack.row_slices(w["lm_head"], slice_rows)
+    fast = kernels.for_bf16("rowwise", h)
+    if fast is not None:   # each slice's max and first index in one pass (tiergen/kernels/rowwise.cpp)
+        best = torch.empty(h.shape[0], dtype=torch.float32)
+        arg = torch.empty(h.shape[0], dtype=torch.long)
+        for i, (c0, part) in enumerate(slices):
+            fast.argmax_update(linear(h, part), best, arg, c0, i == 0)
+        return arg
     _, first = next(slices)
     best, arg = linear(h, first).max(-1)
     for c0, part in slices:
