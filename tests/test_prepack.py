@@ -84,6 +84,19 @@ def test_packed_head_is_counted_and_streamed_heads_agree(name, hf_model_dirs, tm
     assert run(disk) == got
 
 
+def test_a_head_stored_at_another_dtype_is_cast_not_packed(hf_model_dirs):
+    from tiergen.memory_plan import weight_demand
+    _, path = hf_model_dirs("llama_tied")
+    policy = Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4)
+    llm = LLM(path, dtype="bfloat16", offload_dtype="float16", policy=policy)
+    head = llm.weights.homes["head"]["lm_head"]
+    assert head.tier == "cpu" and head.dtype == torch.float16 and not isinstance(head.tensor, prepack.PackedRows)
+    demand = weight_demand(llm.model, torch.bfloat16, policy, llm.device, torch.float16)
+    assert "packed LM head" not in demand["cpu"]
+    out = llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
+    assert all(len(o.token_ids) == PARAMS.max_new_tokens for o in out)
+
+
 def test_float32_and_narrower_stored_weights_are_not_packed(hf_model_dirs):
     _, path = hf_model_dirs("llama_gqa")
     llm = LLM(path, dtype="float32", batch_size=4)

@@ -17,7 +17,7 @@ from .kv_cache import cache_bytes
 from .models.base import Model
 from .policy import Policy, split_rows
 from .schedule import CACHE_LOOKAHEAD
-from .weights.tiered import packs_head, placement_bytes
+from .weights.tiered import packs_head, placement_bytes, stored_dtype
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -35,8 +35,8 @@ def weight_demand(model: Model, dtype: torch.dtype, policy: Policy, device: torc
               "disk": {"weights": placed["disk"]}}
     if device.type == "cuda":
         demand["cpu"]["weight staging buffers"] = in_flight
-    for tier in ("gpu", "cpu"):
-        if packs_head(tier, False, dtype, device):   # a tied head's packed copy beside the embedding
+    for tier in ("gpu", "cpu"):   # a tied head's packed copy beside the embedding
+        if packs_head(tier, stored_dtype(False, tier, dtype, store), False, dtype, device):
             demand[tier]["packed LM head"] = placed[f"shared_head_{tier}"]
     return demand
 

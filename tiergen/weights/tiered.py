@@ -84,11 +84,13 @@ def place_group(sizes: dict[str, int], shares: tuple[float, float, float]) -> di
     return out
 
 
-def packs_head(tier: str, quantized: bool, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether an LM head homed on ``tier`` is kept as packed vocabulary slices
-    (prepack.PackedRows): in host memory, computed with in place without a GPU, dense at
-    a dtype oneDNN packs. A tied one then takes a copy of its own beside the embedding's."""
-    return device.type == "cpu" and tier != "disk" and not quantized and prepack.available(dtype)
+def packs_head(tier: str, stored: torch.dtype, quantized: bool, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an LM head homed on ``tier`` (kept there at ``stored``) is kept as packed
+    vocabulary slices (prepack.PackedRows): in host memory, computed with in place without a
+    GPU, dense at the compute dtype, one oneDNN packs. One stored narrower or wider is cast
+    per block instead. A tied one then takes a copy of its own beside the embedding's."""
+    return (device.type == "cpu" and tier != "disk" and not quantized and stored == dtype
+            and prepack.available(dtype))
 
 
 def placed_shapes(model: Model) -> tuple[dict[str | int, dict[str, tuple[int, ...]]], bool]:
@@ -229,8 +231,8 @@ class TieredWeights:
     def _store(self, g: str | int, key: str, t: torch.Tensor, pin: bool, share: Home | None = None) -> None:
         """Home a checkpoint tensor as its Home says: a quantized blob or a dense copy at its dtype."""
         h = self.homes[g][key]
-        packed_head = (g, key) == ("head", "lm_head") and packs_head(h.tier, h.quant is not None, self.dtype,
-                                                                      self.device)
+        packed_head = (g, key) == ("head", "lm_head") and packs_head(h.tier, h.dtype, h.quant is not None,
+                                                                      self.dtype, self.device)
         if share is not None and share.tier == h.tier != "disk":
             if packed_head:   # the embedding gathers rows from its plain copy; the head gets a packed one
                 self.tiers[h.tier].alloc(h.nbytes, "packed LM head")
