@@ -181,7 +181,9 @@ class LLM:
             host_heap.reuse_freed_blocks()
 
     def close(self) -> None:
-        """Remove offload files now (they are also removed at exit and on SIGTERM/SIGINT)."""
+        """Remove offload files now (they are also removed at exit and on SIGTERM/SIGINT)
+        and let go of the KV cache buffers kept for the next call."""
+        self.runtime.kept.drop(self.tiers)
         self.io.shutdown()
         if self.offload is not None:
             self.offload.close()
@@ -241,7 +243,13 @@ class LLM:
         rows = max(len(mb) for b in blocks for mb in b)
         demand = block_demand(self.config, self.dtype, self.policy, self.device, rows, len(blocks[0]), width,
                               new_tokens)
-        self.tiers.check_fits(demand)
+        try:
+            self.tiers.check_fits(demand)
+        except PolicyDoesNotFitError:
+            if not self.runtime.kept.bufs:
+                raise
+            self.runtime.kept.drop(self.tiers)   # the last call's cache buffers, kept for reuse, go first
+            self.tiers.check_fits(demand)
         if self.device.type == "cpu":
             # a pass's freed scratch stays in the heap for the next layer, as far as the budget allows
             self.engine.heap_limit = max(host_heap.GROWTH_LIMIT, min(
