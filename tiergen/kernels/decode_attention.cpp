@@ -239,8 +239,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+// The kernels touch no Python object, so other Python threads run meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this build has the kernel (AVX-512 BF16)");
   m.def("supports", &supports, "whether the kernel handles this head layout");
-  m.def("decode_attention", &decode_attention, "one-token GQA attention over a bfloat16 cache");
+  m.def("decode_attention", &decode_attention, "one-token GQA attention over a bfloat16 cache",
+        py::call_guard<py::gil_scoped_release>());
 }

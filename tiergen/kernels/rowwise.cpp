@@ -143,9 +143,13 @@ void argmax_update(const torch::Tensor& logits, torch::Tensor& best, torch::Tens
 #endif
 }
 
+// The kernels touch no Python object, so other Python threads run meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether this build has the kernels (AVX-512 BF16)");
-  m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows in one pass");
-  m.def("rope_into", &rope_into, "rotary embedding of bfloat16 rows into out, in one pass");
-  m.def("argmax_update", &argmax_update, "running greedy argmax over one slice of bfloat16 logits");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows in one pass",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope_into", &rope_into, "rotary embedding of bfloat16 rows into out, in one pass",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_update", &argmax_update, "running greedy argmax over one slice of bfloat16 logits",
+        py::call_guard<py::gil_scoped_release>());
 }
