@@ -10,8 +10,9 @@ matmul-peak probe) runs in a subprocess of its own, one after another, so no
 two share a thread pool or a core. Generation is greedy with EOS ignored,
 ``--gen`` new tokens per prompt; throughput = generated tokens / wall time of
 the whole generate (prefill included), in steady state: tiergen and transformers
-each report the faster of two timed runs of the whole workload after a warm-up
-of it (tiergen's first, cold call is printed beside; see ``cpu_systems.py``).
+each run the whole workload after a warm-up of it and report their fastest run
+at the chosen configuration (tiergen's first, cold call is printed beside; see
+``cpu_systems.py``).
 
 Baselines get their best settings: transformers (bf16 by default, as it is
 usually run on CPU; ``--hf-dtype``) sweeps its batch size, llama.cpp
@@ -163,10 +164,11 @@ def print_summary(summary: dict[str, Any], res: dict[str, Any]) -> None:
         r = sys_[name]
         if name == "tiergen":
             how = (f"{r['dtype']}, batch {r['batch_size']} x {r['num_micro_batches']}, "
-                   f"timed {', '.join(f'{t:.1f}' for t in r['timed_wall_s'])} s, cold first call {r['cold_wall_s']:.1f} s")
+                   f"runs {r['cold_wall_s']:.1f} (cold, the warm-up), "
+                   f"{', '.join(f'{t:.1f}' for t in r['timed_wall_s'])} s")
         elif name == "transformers":
-            how = (f"{r['dtype']}, batch {r['batch_size']}, timed {', '.join(f'{t:.1f}' for t in r['timed_wall_s'])} s "
-                   f"(sweep {r['sweep_tok_s']})")
+            how = (f"{r['dtype']}, batch {r['batch_size']}, runs {r['sweep_wall_s']:.1f} (in the sweep), "
+                   f"{', '.join(f'{t:.1f}' for t in r['timed_wall_s'])} s (sweep {r['sweep_tok_s']})")
         else:
             how = f"{r['weights']}, {r['n_seq']} parallel sequences (sweep {r['sweep_tok_s']})"
         print(f"  {name:13s} {s['tok_s']:8.1f} tok/s  {s['wall_s']:7.1f} s  [{how}]  "
