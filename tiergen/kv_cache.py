@@ -400,7 +400,8 @@ class KVCache:
         return self.layers[j]
 
     def close(self) -> None:
-        """Wait for pending writes and return the home bytes to their tiers."""
+        """Wait for pending writes and return the home bytes to their tiers; the dense compute
+        rows' buffers go to the runtime's kept buffers, charged there, for the next cache."""
         for parts in self.parts:
             for p in parts:
                 if p.store is not None:
