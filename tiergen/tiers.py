@@ -146,20 +146,24 @@ class Tiers:
                     f"policy does not fit: the {name} tier needs {fmt_bytes(need)} ({parts}) but has "
                     f"{fmt_bytes(budget)} free; over by {need - budget} bytes")
         if self.shared_host:
-            need = sum(sum(demand.get(n, {}).values()) for n in ("gpu", "cpu"))
-            have = self.host_limit - self.gpu.current - self.cpu.current
+            need, have = self._shared_host(demand)
             if need > have:
                 raise PolicyDoesNotFitError(
                     f"policy does not fit: with no GPU the gpu and cpu tiers share host RAM; they need "
                     f"{fmt_bytes(need)} but {fmt_bytes(have)} is available; over by {need - have} bytes")
 
+    def _shared_host(self, demand: dict[str, dict[str, int]]) -> tuple[int, int]:
+        """(bytes ``demand`` asks of the gpu and cpu tiers together, host RAM they have left):
+        without a GPU both are carved from the same RAM."""
+        need = sum(sum(demand.get(n, {}).values()) for n in ("gpu", "cpu"))
+        return need, self.host_limit - self.gpu.current - self.cpu.current
+
     def host_headroom(self, demand: dict[str, dict[str, int]]) -> int:
         """Bytes of the compute tier (host RAM without a GPU) left over once ``demand`` is placed."""
         free = self.gpu.budget - self.gpu.current - sum(demand.get("gpu", {}).values())
         if self.shared_host:
-            host = self.host_limit - self.gpu.current - self.cpu.current - \
-                sum(sum(demand.get(n, {}).values()) for n in ("gpu", "cpu"))
-            free = min(free, host)
+            need, have = self._shared_host(demand)
+            free = min(free, have - need)
         return max(0, free)
 
     def report(self) -> dict[str, dict[str, int]]:
