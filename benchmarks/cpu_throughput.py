@@ -14,8 +14,10 @@ each run the whole workload after a warm-up of it and report their fastest run
 at the chosen configuration (tiergen's first, cold call is printed beside; see
 ``cpu_systems.py``).
 
-Baselines get their best settings: transformers (bf16 by default, as it is
-usually run on CPU; ``--hf-dtype``) sweeps its batch size, llama.cpp
+Baselines get their best settings: transformers runs at the faster of bf16 and
+float32 as the peak probe measured them on this machine (``--hf-dtype auto``; bf16
+where the CPU has native bf16 arithmetic, float32 where it has only AVX2) and
+sweeps its batch size (``--hf-batches``), llama.cpp
 (llama-cpp-python, the GGUF's own Q4_1 weights, batched through the C API)
 sweeps the number of parallel sequences.
 
@@ -64,7 +66,8 @@ def worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return cs.run_tiergen(prompts, gen, spec["model"], dtype=spec.get("tiergen_dtype"),
                               batch_size=spec.get("tiergen_batch"))
     if name == "transformers":
-        return cs.run_transformers(prompts, gen, gguf, dtype=spec["hf_dtype"])
+        return cs.run_transformers(prompts, gen, gguf, dtype=spec["hf_dtype"],
+                                   batch_sizes=tuple(spec["hf_batches"]))
     if name == "llama.cpp":
         return cs.run_llama_cpp(prompts, gen, gguf)
     raise ValueError(name)
@@ -83,6 +86,12 @@ def run_worker(name: str, spec_path: str, log_dir: str) -> dict[str, Any]:
         return {"system": name, "error": f"exit {rc}", "log_tail": tail}
     with open(out) as f:
         return json.load(f)
+
+
+def fastest_dtype(peak: dict[str, Any]) -> str:
+    """The dtype (bfloat16 or float32) whose measured matmul peak is higher; bfloat16 unmeasured."""
+    rates = {dt: r["peak_gflops"] for dt, r in peak.get("rates", {}).items() if dt in ("bfloat16", "float32")}
+    return max(rates, key=rates.get) if rates else "bfloat16"
 
 
 # ---------------------------------------------------------------- report
@@ -202,7 +211,9 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--tiergen-dtype", default=None, help="default: tiergen's own default")
     ap.add_argument("--tiergen-batch", type=int, default=None, help="default: tiergen's own default")
-    ap.add_argument("--hf-dtype", default="bfloat16")
+    ap.add_argument("--hf-dtype", default="auto",
+                    help="auto: the faster of bfloat16 and float32 by the peak probe (bfloat16 without it)")
+    ap.add_argument("--hf-batches", default="16,32,64,128,256", help="transformers' batch sizes to sweep")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_throughput.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -223,6 +234,7 @@ def main() -> None:
     gguf = source.description[len("GGUF "):] if source.description.startswith("GGUF ") else None
     prompts = token_windows(source.tokenizer(), a.prompts, a.prompt_len)
     spec = {"prompts": prompts, "gen": a.gen, "model": a.model, "gguf": gguf, "hf_dtype": a.hf_dtype,
+            "hf_batches": [int(b) for b in a.hf_batches.split(",")],
             "tiergen_dtype": a.tiergen_dtype, "tiergen_batch": a.tiergen_batch,
             "config": {"hidden": cfg.hidden_size, "ffn": cfg.ffn_dim, "q_dim": cfg.num_heads * cfg.head_dim,
                        "kv_dim": cfg.num_kv_heads * cfg.head_dim, "vocab": cfg.vocab_size}}
@@ -242,6 +254,10 @@ def main() -> None:
                 raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
             if name != "peak" and name != "tiergen" and gguf is None:
                 raise SystemExit(f"{name} needs a GGUF model")
+            if name == "transformers" and spec["hf_dtype"] == "auto":
+                spec["hf_dtype"] = fastest_dtype(res["systems"].get("peak", {}))
+                with open(spec_path, "w") as f:
+                    json.dump(spec, f)
             print(f"running {name} ...", flush=True)
             res["systems"][name] = run_worker(name, spec_path, tmp)
     res["summary"] = report(res, cfg, a.prompts, a.prompt_len, a.gen)

@@ -60,4 +60,5 @@ def test_loaded_qkv_is_the_checkpoints_projections_stacked(hf_model_dirs, name):
     llm = LLM(path, dtype="float32")
     attn = hf.model.layers[1].self_attn if name != "opt" else hf.model.decoder.layers[1].self_attn
     want = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-    assert torch.equal(llm.weights.group(1)["w_qkv"], want)
+    got = llm.weights.group(1)["w_qkv"]
+    assert torch.equal(got.to_dense() if got.is_mkldnn else got, want)   # packed for oneDNN on a CPU

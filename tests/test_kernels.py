@@ -1,4 +1,5 @@
-"""The compiled CPU decode-attention kernel computes what softmax attention does."""
+"""The compiled CPU kernels compute what the torch code does: decode attention (bfloat16 and
+float32), RMSNorm, RoPE and the greedy head's running argmax."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,11 @@ def reference(q, k, v, mask, scale):
     return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
 
 
-def case(B, H, Hkv, D, S, cap, seed):
+def case(B, H, Hkv, D, S, cap, seed, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, 1, H, D, generator=g).bfloat16().transpose(1, 2)      # the engine's strided view
-    kbuf = torch.randn(B, Hkv, cap, D, generator=g).bfloat16()               # a cache longer than in use
-    vbuf = torch.randn(B, Hkv, cap, D, generator=g).bfloat16()
+    q = torch.randn(B, 1, H, D, generator=g).to(dtype).transpose(1, 2)      # the engine's strided view
+    kbuf = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)               # a cache longer than in use
+    vbuf = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
     for b in range(B):                                                       # left padding, row b: b keys
         mask[b, ..., :min(b, S - 1)] = False
@@ -125,6 +126,71 @@ def test_kernel_decodes_alike_from_every_cache_placement(hf_model_dirs, tmp_path
     assert len({t for seq in resident for t in seq}) > 3
 
 
+mod32 = kernels.load("decode_attention_f32")
+needs_attn32 = pytest.mark.skipif(mod32 is None, reason="the float32 kernel cannot be built here (needs a C++ "
+                                  "compiler, ninja and AVX2 with FMA)")
+
+
+@needs_attn32
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (14, 2, 64), (12, 4, 96), (6, 2, 80)])
+@pytest.mark.parametrize("S", [1, 7, 8, 9, 70])
+def test_float32_kernel_matches_reference(H, Hkv, D, S):
+    q, k, v, mask = case(5, H, Hkv, D, S, S + 9, seed=S * 31 + H, dtype=torch.float32)
+    assert mod32.supports(H, Hkv, D) and attn.decode_kernel(q, k, v) is mod32
+    got = mod32.decode_attention(q, k, v, mask, D ** -0.5)
+    assert got.shape == (5, H, 1, D) and got.dtype == torch.float32
+    want = reference(q, k, v, mask, D ** -0.5)
+    # float32 throughout: as close to float64 as the batched-matmul form the torch path runs
+    err = (got.double() - want).abs().max()
+    err_torch = (attn.grouped_attention(q, k, v, mask).double() - want).abs().max()
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+
+
+@needs_attn32
+def test_float32_kernel_on_token_major_views_large_scores_and_empty_rows():
+    S, B, Hkv, D = 40, 3, 2, 64
+    g = torch.Generator().manual_seed(1)
+    tok_k, tok_v = torch.randn(S, B, Hkv, D, generator=g), torch.randn(S, B, Hkv, D, generator=g)
+    tok_k[7] *= 40
+    k, v = tok_k.permute(1, 2, 0, 3), tok_v.permute(1, 2, 0, 3)
+    q = torch.randn(B, 4, 1, D, generator=g) * 5
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[2] = False                                       # a row that sees no key attends to nothing
+    got = mod32.decode_attention(q, k, v, mask, 0.125)
+    assert torch.isfinite(got).all() and (got[2] == 0).all()
+    torch.testing.assert_close(got[:2].double(), reference(q, k, v, mask, 0.125)[:2], rtol=1e-5, atol=1e-5)
+    assert not mod32.supports(32, 2, 64) and not mod32.supports(8, 8, 72)
+
+
+@needs_attn32
+def test_engine_decodes_through_the_float32_kernel_as_accurately_as_torch(hf_model_dirs, monkeypatch, tmp_path):
+    from tiergen import Policy
+    hf, path = hf_model_dirs("llama_d64")
+    ids = [1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64]
+    tokens = [5, 77, 3, 140, 9, 200, 41, 18, 66, 2, 90, 250]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids + tokens])).logits[0, len(ids):].double()
+    llm = LLM(path, dtype="float32", batch_size=1)
+    used = []
+    real = attn.decode_kernel
+    monkeypatch.setattr(attn, "decode_kernel", lambda *a: used.append(real(*a) is mod32) or real(*a))
+    ours = teacher_forced_logits(llm, ids, tokens).double()
+    assert len(used) == len(tokens) * llm.config.num_layers and all(used)
+    monkeypatch.undo()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # the cache's placements decode alike through it
+    prompts = [ids, [5, 6], list(range(10, 31)), [3] * 9]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+    def run(**kw):
+        return [o.token_ids for o in LLM(path, dtype="float32", **kw).generate(prompt_token_ids=prompts,
+                                                                               params=params)]
+    resident = run(batch_size=4)
+    host = run(policy=Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=4))
+    disk = run(policy=Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=4), offload_dir=str(tmp_path))
+    assert resident == host == disk
+
+
 rows = kernels.load("rowwise")
 needs_rows = pytest.mark.skipif(rows is None, reason="the row-wise kernels cannot be built here")
 
@@ -202,13 +268,14 @@ def test_kernels_can_be_switched_off(monkeypatch):
     assert kernels.load("decode_attention") is None and kernels.for_bf16("rowwise", torch.ones(2).bfloat16()) is None
     q = torch.randn(2, 9, 1, 64).bfloat16()
     k = torch.randn(2, 3, 5, 64).bfloat16()
-    assert attn.decode_kernel(q, k, k) is None
+    assert attn.decode_kernel(q, k, k) is None and attn.decode_kernel(q.float(), k.float(), k.float()) is None
 
 
 def test_llm_builds_its_kernels_before_generating(monkeypatch):
     loaded = []
     monkeypatch.setattr(kernels, "load", lambda name: loaded.append(name))
     LLM("smollm2-135m", dtype="float32")
-    assert loaded == []                                  # float32 runs use none
+    assert loaded == ["decode_attention_f32"]
+    loaded.clear()
     LLM("smollm2-135m", dtype="bfloat16")
-    assert sorted(loaded) == sorted(kernels.SOURCES)
+    assert sorted(loaded) == ["decode_attention", "rowwise"]

@@ -1,12 +1,16 @@
-"""Resident bfloat16 layer weights packed for oneDNN compute exactly what plain ones do."""
+"""Resident layer weights packed for oneDNN (bfloat16, float32) compute exactly what plain ones do."""
 import pytest
 import torch
 
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.weights import prepack
 
-pytestmark = pytest.mark.skipif(not prepack.available(torch.bfloat16),
-                                reason="this torch build cannot pack bfloat16 weights for oneDNN")
+DTYPES = ["bfloat16", "float32"]
+
+
+def need_packing(dtype: str) -> None:
+    if not prepack.available(getattr(torch, dtype)):
+        pytest.skip(f"this torch build cannot pack {dtype} weights for oneDNN")
 
 PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64], [5, 6], list(range(10, 31)), [3] * 9]
 PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -17,10 +21,12 @@ def run(llm: LLM) -> tuple[list[list[int]], list[float]]:
     return [o.token_ids for o in out], [s.logprob for s in llm.score(token_ids=PROMPTS)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["opt", "llama_gqa", "qwen2", "mistral"])
-def test_packed_weights_match_plain_bit_for_bit(name, hf_model_dirs, monkeypatch, tmp_path):
+def test_packed_weights_match_plain_bit_for_bit(name, dtype, hf_model_dirs, monkeypatch, tmp_path):
+    need_packing(dtype)
     _, path = hf_model_dirs(name)
-    packed = LLM(path, dtype="bfloat16", batch_size=4)
+    packed = LLM(path, dtype=dtype, batch_size=4)
     layer = packed.weights.homes[0]
     mats = [k for k, h in layer.items() if len(h.shape) == 2]
     assert mats and all(layer[k].tensor.is_mkldnn for k in mats)
@@ -28,35 +34,37 @@ def test_packed_weights_match_plain_bit_for_bit(name, hf_model_dirs, monkeypatch
     assert isinstance(packed.weights.homes["head"]["lm_head"].tensor, prepack.PackedRows)
     got = run(packed)
     monkeypatch.setattr(prepack, "packable", lambda t: False)
-    plain = LLM(path, dtype="bfloat16", batch_size=4)
+    plain = LLM(path, dtype=dtype, batch_size=4)
     assert not plain.weights.homes[0][mats[0]].tensor.is_mkldnn
     assert run(plain) == got
     monkeypatch.undo()
     # without a GPU, host-homed weights are computed with in place: packed too
-    host = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4))
+    host = LLM(path, dtype=dtype, policy=Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4))
     assert host.weights.homes[0][mats[0]].tier == "cpu" and host.weights.homes[0][mats[0]].tensor.is_mkldnn
     assert run(host) == got
     # disk-homed weights stream into plain buffers each block; they must agree as well
-    disk = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
+    disk = LLM(path, dtype=dtype, policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
                offload_dir=str(tmp_path))
     assert disk.weights.homes[0][mats[0]].tier == "disk"
     assert run(disk) == got
 
 
-def test_packed_head_slices_compute_what_plain_slices_do():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_head_slices_compute_what_plain_slices_do(dtype):
     from tiergen.models.base import _vocab_logits, greedy_head
+    need_packing(dtype)
 
     class Plain:
         def head_features(self, w, x):
             return x
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(1000, 64, generator=g).bfloat16()
+    w = torch.randn(1000, 64, generator=g).to(getattr(torch, dtype))
     w[700] = w[90]                       # a tie across slices: the lower id wins
-    x = torch.randn(48, 64, generator=g).bfloat16()
+    x = torch.randn(48, 64, generator=g).to(w.dtype)
     x[:4] = w[90]
     packed = prepack.PackedRows(w, 256)
     assert len(packed.parts) == 4 and packed.nbytes == w.nbytes
-    plain_logits = torch.cat([torch.nn.functional.linear(x, w[s:s + 256]) for s in range(0, 1000, 256)], -1)
+    plain_logits = torch.cat([prepack.packed_linear(x, w[s:s + 256]) for s in range(0, 1000, 256)], -1)
     assert torch.equal(_vocab_logits(x, packed), plain_logits)
     ids = greedy_head(Plain(), {"lm_head": packed}, x, slice_rows=256)
     assert torch.equal(ids, greedy_head(Plain(), {"lm_head": w}, x, slice_rows=256))
@@ -64,21 +72,23 @@ def test_packed_head_slices_compute_what_plain_slices_do():
     assert torch.equal(greedy_head(Plain(), {"lm_head": packed}, x), ids)    # unsliced: the slices' logits
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["llama_tied", "llama_gqa"])
-def test_packed_head_is_counted_and_streamed_heads_agree(name, hf_model_dirs, tmp_path):
+def test_packed_head_is_counted_and_streamed_heads_agree(name, dtype, hf_model_dirs, tmp_path):
     from tiergen.memory_plan import weight_demand
+    need_packing(dtype)
     _, path = hf_model_dirs(name)
-    llm = LLM(path, dtype="bfloat16", batch_size=4)
+    llm = LLM(path, dtype=dtype, batch_size=4)
     head = llm.weights.homes["head"]["lm_head"]
     assert isinstance(head.tensor, prepack.PackedRows)
-    extra = weight_demand(llm.model, torch.bfloat16, llm.policy, llm.device)["gpu"]["packed LM head"]
+    extra = weight_demand(llm.model, llm.dtype, llm.policy, llm.device)["gpu"]["packed LM head"]
     # a tied head takes a packed copy beside the embedding's rows, charged to its tier; an untied one is replaced
     assert extra == (head.nbytes if llm.weights.tied else 0)
     assert llm.weights.nbytes_by_tier()["gpu"] == sum(h.nbytes for hs in llm.weights.homes.values()
                                                        for h in hs.values())
     got = run(llm)
     # the same head streamed from disk is plain, sliced the same way: the same tokens and scores
-    disk = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
+    disk = LLM(path, dtype=dtype, policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
                offload_dir=str(tmp_path))
     assert not isinstance(disk.weights.homes["head"]["lm_head"].tensor, prepack.PackedRows)
     assert run(disk) == got
@@ -86,6 +96,7 @@ def test_packed_head_is_counted_and_streamed_heads_agree(name, hf_model_dirs, tm
 
 def test_a_head_stored_at_another_dtype_is_cast_not_packed(hf_model_dirs):
     from tiergen.memory_plan import weight_demand
+    need_packing("bfloat16")
     _, path = hf_model_dirs("llama_tied")
     policy = Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4)
     llm = LLM(path, dtype="bfloat16", offload_dtype="float16", policy=policy)
@@ -97,10 +108,8 @@ def test_a_head_stored_at_another_dtype_is_cast_not_packed(hf_model_dirs):
     assert all(len(o.token_ids) == PARAMS.max_new_tokens for o in out)
 
 
-def test_float32_and_narrower_stored_weights_are_not_packed(hf_model_dirs):
+def test_narrower_stored_weights_are_not_packed(hf_model_dirs):
     _, path = hf_model_dirs("llama_gqa")
-    llm = LLM(path, dtype="float32", batch_size=4)
-    assert not any(h.tensor.is_mkldnn for h in llm.weights.homes[0].values())
     # float32 compute over bfloat16 host copies: those are cast per block, not packed
     llm = LLM(path, dtype="float32", policy=Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4),
               offload_dtype="bfloat16")
@@ -108,35 +117,30 @@ def test_float32_and_narrower_stored_weights_are_not_packed(hf_model_dirs):
     assert any(h.dtype == torch.bfloat16 for h in homes) and not any(h.tensor.is_mkldnn for h in homes)
 
 
-@pytest.mark.skipif(not prepack.epilogues_available(torch.bfloat16),
-                    reason="this torch build has no oneDNN post-ops for bfloat16 products")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act", sorted(prepack.FUSED_ACTIVATIONS))
-def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act):
-    from tiergen.models.base import ACTIVATIONS, linear_act, linear_add, linear_mul
+def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act, dtype):
+    from tiergen.models.base import ACTIVATIONS, linear, linear_act, linear_add, linear_mul
+    if not prepack.epilogues_available(dtype):
+        pytest.skip(f"this torch build has no oneDNN post-ops for {dtype} products")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(37, 64, generator=g).bfloat16()
-    w = (torch.randn(96, 64, generator=g) * 0.1).bfloat16()
-    b = torch.randn(96, generator=g).bfloat16()
-    other = torch.randn(37, 96, generator=g).bfloat16()
+    x = torch.randn(37, 64, generator=g).to(dtype)
+    w = (torch.randn(96, 64, generator=g) * 0.1).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype)
+    other = torch.randn(37, 96, generator=g).to(dtype)
+    tol = 2 ** -6 if dtype == torch.bfloat16 else 1e-5
     eager = {"act": ACTIVATIONS[act](torch.nn.functional.linear(x, w, b)),
              "mul": torch.nn.functional.linear(x, w, b) * other,
              "add": other + torch.nn.functional.linear(x, w, b)}
     for weight in (w, prepack.pack(w)):
         assert prepack.fuses(x, weight)
         got = {"act": linear_act(x, weight, b, act), "mul": linear_mul(x, weight, b, other),
-               "add": linear_add(x, weight, b, other)}
+               "add": linear_add(x, weight, b, other), "linear": linear(x, weight, b)}
+        eager["linear"] = torch.nn.functional.linear(x, w, b)
         for k in got:
-            # one rounding instead of two: within a couple of bf16 ulps of the eager result
-            torch.testing.assert_close(got[k].float(), eager[k].float(), rtol=2 ** -6, atol=2 ** -6)
+            # one rounding instead of two: within a couple of ulps of the eager result
+            torch.testing.assert_close(got[k].float(), eager[k].float(), rtol=tol, atol=tol)
         if weight is w:
             plain = got
         else:
             assert all(torch.equal(got[k], plain[k]) for k in got)   # streamed and resident layers agree
-
-
-def test_float32_products_are_not_fused():
-    x, w = torch.randn(4, 8), torch.randn(6, 8)
-    assert not prepack.fuses(x, w)
-    from tiergen.models.base import linear_add
-    other = torch.randn(4, 6)
-    assert torch.equal(linear_add(x, w, None, other), other + torch.nn.functional.linear(x, w))

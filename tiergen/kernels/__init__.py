@@ -17,7 +17,10 @@ from types import ModuleType
 import torch
 
 SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
-           "rowwise": Path(__file__).with_name("rowwise.cpp")}
+           "rowwise": Path(__file__).with_name("rowwise.cpp"),
+           "decode_attention_f32": Path(__file__).with_name("decode_attention_f32.cpp")}
+# the kernels each compute dtype calls (the float32 ones need only AVX2 and FMA)
+BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise"), torch.float32: ("decode_attention_f32",)}
 # -march=native: the kernel is built on and for the machine that runs it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -86,17 +89,21 @@ def _build(name: str) -> ModuleType | None:
         return None
 
 
-def for_bf16(name: str, *tensors: torch.Tensor) -> ModuleType | None:
-    """Kernel module ``name`` where it applies to ``tensors``: bfloat16 CPU tensors whose
+def for_dtype(dtype: torch.dtype, name: str, *tensors: torch.Tensor) -> ModuleType | None:
+    """Kernel module ``name`` where it applies to ``tensors``: CPU tensors of ``dtype`` whose
     last dimension is contiguous, the layout every kernel here reads."""
-    if all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in tensors):
+    if all(t.device.type == "cpu" and t.dtype == dtype and t.stride(-1) == 1 for t in tensors):
         return load(name)
     return None
+
+
+def for_bf16(name: str, *tensors: torch.Tensor) -> ModuleType | None:
+    return for_dtype(torch.bfloat16, name, *tensors)
 
 
 def warm(host_compute: bool, dtype: torch.dtype) -> None:
     """Build (or load) now the kernels a run on the host at ``dtype`` will call, so the
     one-time build does not land inside the first generation."""
-    if host_compute and dtype == torch.bfloat16:
-        for name in SOURCES:
+    if host_compute:
+        for name in BY_DTYPE.get(dtype, ()):
             load(name)

@@ -11,18 +11,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               scale: float | None = None) -> torch.Tensor:
     """q [B,H,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] bool (True = may attend)."""
     if q.device.type == "cpu" and q.shape[2] == 1:
-        if q.dtype == torch.float32:
-            return grouped_attention(q, k, v, mask, scale)
         kernel = decode_kernel(q, k, v)
         if kernel is not None:
             return kernel.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+        if q.dtype == torch.float32:
+            return grouped_attention(q, k, v, mask, scale)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+# the compiled one-token kernel of each dtype (tiergen/kernels)
+DECODE_KERNELS = {torch.bfloat16: "decode_attention", torch.float32: "decode_attention_f32"}
+
+
 def decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The compiled one-token kernel (tiergen/kernels) where it handles these tensors, else None."""
-    mod = kernels.for_bf16("decode_attention", q, k, v)
+    """The compiled one-token kernel where it handles these tensors, else None."""
+    name = DECODE_KERNELS.get(q.dtype)
+    mod = kernels.for_dtype(q.dtype, name, q, k, v) if name else None
     if mod is None or not mod.supports(q.shape[1], k.shape[1], q.shape[-1]):
         return None
     return mod

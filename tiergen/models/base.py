@@ -83,7 +83,9 @@ class Family:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    if w.is_mkldnn:   # a resident CPU weight packed at load (weights/prepack.py)
+    # a resident CPU weight packed at load, or a plain one at a dtype oneDNN packs: the same
+    # oneDNN call for both, so streamed and resident layers agree (weights/prepack.py)
+    if w.is_mkldnn or prepack.fuses(x, w):
         return prepack.packed_linear(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
