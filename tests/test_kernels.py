@@ -108,22 +108,25 @@ def test_engine_decodes_through_the_kernel_as_accurately_as_sdpa(hf_model_dirs, 
     assert err <= 1.5 * err_sdpa + 1e-3, (err, err_sdpa)
 
 
-@needs_attn
-def test_kernel_decodes_alike_from_every_cache_placement(hf_model_dirs, tmp_path):
+def assert_placements_decode_alike(path, dtype, tmp_path):
+    """Resident, host (token-major, attended through permuted views) and disk caches (read-back
+    copies) generate the same tokens."""
     from tiergen import Policy
-    _, path = hf_model_dirs("llama_d64")
     prompts = [[1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64], [5, 6], list(range(10, 31)), [3] * 9]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
 
     def run(**kw):
-        return [o.token_ids for o in LLM(path, dtype="bfloat16", **kw).generate(prompt_token_ids=prompts,
-                                                                                params=params)]
+        return [o.token_ids for o in LLM(path, dtype=dtype, **kw).generate(prompt_token_ids=prompts, params=params)]
     resident = run(batch_size=4)
-    # host rows are token-major and attended through permuted views; disk rows through read-back copies
     host = run(policy=Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=4))
     disk = run(policy=Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=4), offload_dir=str(tmp_path))
     assert resident == host == disk
     assert len({t for seq in resident for t in seq}) > 3
+
+
+@needs_attn
+def test_kernel_decodes_alike_from_every_cache_placement(hf_model_dirs, tmp_path):
+    assert_placements_decode_alike(hf_model_dirs("llama_d64")[1], "bfloat16", tmp_path)
 
 
 mod32 = kernels.load("decode_attention_f32")
@@ -164,7 +167,6 @@ def test_float32_kernel_on_token_major_views_large_scores_and_empty_rows():
 
 @needs_attn32
 def test_engine_decodes_through_the_float32_kernel_as_accurately_as_torch(hf_model_dirs, monkeypatch, tmp_path):
-    from tiergen import Policy
     hf, path = hf_model_dirs("llama_d64")
     ids = [1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64]
     tokens = [5, 77, 3, 140, 9, 200, 41, 18, 66, 2, 90, 250]
@@ -178,17 +180,7 @@ def test_engine_decodes_through_the_float32_kernel_as_accurately_as_torch(hf_mod
     assert len(used) == len(tokens) * llm.config.num_layers and all(used)
     monkeypatch.undo()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-    # the cache's placements decode alike through it
-    prompts = [ids, [5, 6], list(range(10, 31)), [3] * 9]
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-
-    def run(**kw):
-        return [o.token_ids for o in LLM(path, dtype="float32", **kw).generate(prompt_token_ids=prompts,
-                                                                               params=params)]
-    resident = run(batch_size=4)
-    host = run(policy=Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=4))
-    disk = run(policy=Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=4), offload_dir=str(tmp_path))
-    assert resident == host == disk
+    assert_placements_decode_alike(path, "float32", tmp_path)   # the cache's placements, through it
 
 
 rows = kernels.load("rowwise")

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "decode_args.h"
+
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -152,19 +154,15 @@ void attend_one(const Args& a, int64_t b, int64_t j, float* s) {
 using ItemFn = void (*)(const Args&, int64_t, int64_t, float*);
 
 template <int DV>
-ItemFn pick_group(int64_t G) {
-  switch (G) {
-    case 1: return attend_one<1, DV>;
-    case 2: return attend_one<2, DV>;
-    case 3: return attend_one<3, DV>;
-    case 4: return attend_one<4, DV>;
-    case 5: return attend_one<5, DV>;
-    case 6: return attend_one<6, DV>;
-    case 7: return attend_one<7, DV>;
-    case 8: return attend_one<8, DV>;
-    default: return nullptr;
-  }
-}
+struct Head {
+  template <int G>
+  struct Item {
+    static void run(const Args& a, int64_t b, int64_t j, float* s) { attend_one<G, DV>(a, b, j, s); }
+  };
+};
+
+template <int DV>
+ItemFn pick_group(int64_t G) { return tiergen::by_group<Head<DV>::template Item>(G); }
 
 ItemFn pick(int64_t G, int64_t D) {
   switch (D) {
@@ -191,16 +189,8 @@ bool supports(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
 // (true: may attend). Returns softmax(q k^T * scale + mask) v as [B,H,1,D].
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& mask, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: float32 q, k, v expected");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "decode_attention: a bool mask expected");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4 && q.size(2) == 1,
-              "decode_attention: q [B,H,1,D], k/v [B,Hkv,S,D], mask [B,1,1,S] expected");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit last stride expected");
+  tiergen::check_decode_args(q, k, v, mask, at::kFloat);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(3) == D && v.size(1) == Hkv &&
-              v.size(2) == S && mask.size(0) == B && mask.size(3) == S && S > 0,
-              "decode_attention: mismatched shapes");
   auto out = torch::empty({B, H, 1, D}, q.options());
 #if TIERGEN_HAVE_F32_KERNEL
   const ItemFn fn = Hkv > 0 && H % Hkv == 0 ? pick(H / Hkv, D) : nullptr;
