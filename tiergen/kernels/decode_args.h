@@ -23,6 +23,11 @@ inline void check_decode_args(const torch::Tensor& q, const torch::Tensor& k, co
               "decode_attention: mismatched shapes");
 }
 
+// Query heads per K/V head, or 0 for a layout no kernel handles.
+inline int64_t group_size(int64_t num_heads, int64_t num_kv_heads) {
+  return num_kv_heads > 0 && num_heads % num_kv_heads == 0 ? num_heads / num_kv_heads : 0;
+}
+
 // Item<G>::run for G = 1..8 query heads per K/V head (nullptr for more): the group size is a
 // template argument so each head's sums stay in registers.
 template <template <int> class Item>

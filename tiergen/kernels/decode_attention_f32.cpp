@@ -179,7 +179,7 @@ ItemFn pick(int64_t G, int64_t D) {
 
 bool supports(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
 #if TIERGEN_HAVE_F32_KERNEL
-  return num_kv_heads > 0 && num_heads % num_kv_heads == 0 && pick(num_heads / num_kv_heads, head_dim) != nullptr;
+  return pick(tiergen::group_size(num_heads, num_kv_heads), head_dim) != nullptr;
 #else
   return false;
 #endif
@@ -193,7 +193,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   auto out = torch::empty({B, H, 1, D}, q.options());
 #if TIERGEN_HAVE_F32_KERNEL
-  const ItemFn fn = Hkv > 0 && H % Hkv == 0 ? pick(H / Hkv, D) : nullptr;
+  const ItemFn fn = pick(tiergen::group_size(H, Hkv), D);
   TORCH_CHECK(fn != nullptr, "decode_attention: unsupported head layout");
   Args a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), mask.data_ptr<bool>(),
          out.data_ptr<float>(), H, Hkv, S, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
