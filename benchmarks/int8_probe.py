@@ -29,7 +29,7 @@ Schemes (W: weights, A: activations; "sym": symmetric, scales per output channel
                maxima from a calibration pass over a *different* text (docstrings of other stdlib
                modules); simulated as x/s, W*s, which folds exactly into attn_norm (q,k,v),
                ffn_norm (gate, up), the v rows of w_qkv (o; s shared by the 3 query heads of a kv head)
-               and w_up's rows (down), so it costs nothing at run time
+               and the up rows of w_gate_up (down), so it costs nothing at run time
   sq-A-asym    (c)+(d)
   ol-N         W8A8 except N fixed input channels per input site (largest calibration max), which
                stay float: one _int_mm plus a [M,N] @ [N,out] float matmul (LLM.int8 with static outliers)
@@ -45,6 +45,7 @@ Results accumulate in --out (JSON, keyed by scheme) so the work can be split int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -59,14 +60,28 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import tiergen.models.base as B  # noqa: E402
 import tiergen.models.llama as L  # noqa: E402
+from tiergen.weights import prepack  # noqa: E402
 
-# tiergen stores q, k and v stacked as one w_qkv (tiergen/weights/fusion.py)
-KEYS = ("w_qkv", "wo", "w_gate", "w_up", "w_down")
-SITE = {"w_qkv": "attn", "wo": "o", "w_gate": "mlp", "w_up": "mlp", "w_down": "down"}
+# tiergen stores q, k and v stacked as one w_qkv, gate and up as one w_gate_up (tiergen/weights/fusion.py)
+KEYS = ("w_qkv", "wo", "w_gate_up", "w_down")
+SITE = {"w_qkv": "attn", "wo": "o", "w_gate_up": "mlp", "w_down": "down"}
 HIDDEN, FFN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 49152, 9, 3, 64
-SHAPES = {"w_qkv": (960, 576), "wo": (576, 576),
-          "w_gate": (1536, 576), "w_up": (1536, 576), "w_down": (576, 1536)}
+SHAPES = {"w_qkv": (960, 576), "wo": (576, 576), "w_gate_up": (2 * FFN, 576), "w_down": (576, 1536)}
+
+
+@contextlib.contextmanager
+def route_linears(fn):
+    """Every product of the layers and the head through ``fn(x, w, b)``: llama's own ``linear``
+    and the one the base helpers call (gated MLP, residual adds, head); ``load`` keeps the
+    weights plain, so no fused oneDNN epilogue bypasses it."""
+    saved = L.linear, B.linear
+    L.linear = B.linear = fn
+    try:
+        yield
+    finally:
+        L.linear, B.linear = saved
 
 
 # ----------------------------------------------------------------- quantizers
@@ -222,7 +237,7 @@ def calibration_text() -> str:
 def calibrate(llm, names: dict[int, tuple], tokens: int) -> dict[tuple, torch.Tensor]:
     """Per-input-channel max |x| of every projection over `tokens` tokens of calibration text."""
     amax: dict[tuple, torch.Tensor] = {}
-    orig = L.linear
+    orig = B.linear
 
     def rec(x, w, b=None):
         nm = names.get(w.data_ptr())
@@ -231,11 +246,8 @@ def calibrate(llm, names: dict[int, tuple], tokens: int) -> dict[tuple, torch.Te
             amax[nm] = torch.maximum(amax[nm], m) if nm in amax else m
         return orig(x, w, b)
     ids = llm.encode(calibration_text())[:tokens]
-    L.linear = rec
-    try:
+    with route_linears(rec):
         llm.perplexity(token_ids=ids, window=512, stride=512)
-    finally:
-        L.linear = orig
     return amax
 
 
@@ -262,6 +274,9 @@ def smooth_factors(weights: dict[tuple, torch.Tensor], amax: dict[tuple, torch.T
 # ----------------------------------------------------------------- perplexity
 def load():
     from tiergen import LLM, Policy
+    # plain weights: packed ones have no data pointer to name them by, and their products
+    # (with fused epilogues) would not pass through route_linears
+    prepack.available = lambda dtype: False
     llm = LLM("smollm2-135m", dtype="float32", policy=Policy(gpu_batch_size=32))
     names, weights = {}, {}
     for g, homes in llm.weights.homes.items():
@@ -285,7 +300,7 @@ def run_ppl(llm, names, weights, sc: Scheme, ids: list[int], amax) -> dict:
         if (g != "head" and k in sc.keys and sc.kind != "fp32") or (g, k) == ("head", "lm_head") and sc.head:
             prep[ptr] = Prepared(weights[(g, k)], chunks=sc.chunks, smooth=smooth.get((g, k)),
                                  outliers=outl.get((g, k)))
-    orig = L.linear
+    orig = B.linear
     agree = [0, 0]
 
     def patched(x, w, b=None):
@@ -308,12 +323,9 @@ def run_ppl(llm, names, weights, sc: Scheme, ids: list[int], amax) -> dict:
         if b is not None:
             y = y + b
         return y.reshape(*shp[:-1], -1).to(x.dtype)
-    L.linear = patched
     t = time.perf_counter()
-    try:
+    with route_linears(patched):
         r = llm.perplexity(token_ids=ids, window=512, stride=512)
-    finally:
-        L.linear = orig
     out = {"ppl": r.ppl, "ppl_s": time.perf_counter() - t}
     if agree[1]:
         out["head_argmax_agree"] = agree[0] / agree[1]

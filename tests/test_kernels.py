@@ -1,5 +1,5 @@
 """The compiled CPU kernels compute what the torch code does: decode attention (bfloat16 and
-float32), RMSNorm, RoPE and the greedy head's running argmax."""
+float32), RMSNorm, RoPE, the gated SiLU and the greedy head's running argmax."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,6 +223,28 @@ def test_rope_kernel_is_bit_identical_to_torch(H, D, rd):
         rope.kernels.for_bf16 = fast
     assert torch.equal(got, want)
     assert torch.equal(got[..., rd:], x[..., rd:])
+
+
+@needs_rows
+@pytest.mark.parametrize("F_", [1536, 1, 17, 100])
+def test_silu_mul_kernel_matches_torch_and_the_fallback(F_):
+    from tiergen.models import base
+    g = torch.Generator().manual_seed(F_)
+    gu = (torch.randn(70, 2 * F_ + 6, generator=g) * 4).bfloat16()[:, 3:3 + 2 * F_]   # strided rows
+    gu[0, :min(F_, 4)] = torch.tensor([0.0, -30.0, 60.0, -0.0])[:min(F_, 4)]             # saturated tails
+    got = rows.silu_mul(gu)
+    want = (F.silu(gu[:, :F_].float()) * gu[:, F_:].float()).bfloat16()   # float32, rounded once
+    fast = base.kernels.for_bf16
+    try:
+        base.kernels.for_bf16 = lambda *t: None   # linear_gated's torch path, over an identity product
+        fallback = base.linear_gated(gu.contiguous(), torch.eye(2 * F_).bfloat16(), None, "silu")
+    finally:
+        base.kernels.for_bf16 = fast
+    assert torch.equal(fallback, want)
+    assert got.shape == (70, F_) and got.dtype == torch.bfloat16
+    # the same roundings; only e^-g's last float32 bits may differ from torch's and move a rounding
+    assert (got == want).float().mean() > 0.999
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-30)
 
 
 @needs_rows

@@ -120,7 +120,7 @@ def test_narrower_stored_weights_are_not_packed(hf_model_dirs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act", sorted(prepack.FUSED_ACTIVATIONS))
 def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act, dtype):
-    from tiergen.models.base import ACTIVATIONS, linear, linear_act, linear_add, linear_mul
+    from tiergen.models.base import ACTIVATIONS, linear, linear_act, linear_add, linear_gated
     if not prepack.epilogues_available(dtype):
         pytest.skip(f"this torch build has no oneDNN post-ops for {dtype} products")
     g = torch.Generator().manual_seed(0)
@@ -130,11 +130,12 @@ def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act, dtype):
     other = torch.randn(37, 96, generator=g).to(dtype)
     tol = 2 ** -6 if dtype == torch.bfloat16 else 1e-5
     eager = {"act": ACTIVATIONS[act](torch.nn.functional.linear(x, w, b)),
-             "mul": torch.nn.functional.linear(x, w, b) * other,
+             "gated": ACTIVATIONS[act](torch.nn.functional.linear(x, w[:48], b[:48]))
+             * torch.nn.functional.linear(x, w[48:], b[48:]),
              "add": other + torch.nn.functional.linear(x, w, b), "linear": torch.nn.functional.linear(x, w, b)}
     for weight in (w, prepack.pack(w)):
         assert prepack.fuses(x, weight)
-        got = {"act": linear_act(x, weight, b, act), "mul": linear_mul(x, weight, b, other),
+        got = {"act": linear_act(x, weight, b, act), "gated": linear_gated(x, weight, b, act),
                "add": linear_add(x, weight, b, other), "linear": linear(x, weight, b)}
         for k in got:
             # one rounding instead of two: within a couple of ulps of the eager result

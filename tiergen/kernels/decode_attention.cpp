@@ -17,27 +17,11 @@
 #if TIERGEN_HAVE_KERNEL
 namespace {
 
+using tiergen::exp512;
 using tiergen::load_bf16;
 using tiergen::store_bf16;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// e^x as 2^n * 2^f with |f| <= 1/2 and 2^f by its Taylor series to degree 6
-// (relative error ~2e-8); inputs are clamped to where float32 e^x is finite.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-104.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // r[i] = sum of the lanes of v[i], for 16 vectors at once (45 shuffles and adds
 // instead of 16 separate horizontal reductions).

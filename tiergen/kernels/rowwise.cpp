@@ -1,6 +1,7 @@
-// Token-wise row operations on bfloat16 rows, each in one pass: RMSNorm and rotary
-// embedding of a Llama layer, and the greedy head's running argmax. Each reproduces the torch code it stands in for
-// (tiergen/models/llama.py rms_norm, tiergen/models/rope.py apply_rope_into):
+// Token-wise row operations on bfloat16 rows, each in one pass: RMSNorm, rotary embedding and
+// the gated SiLU of a Llama layer, and the greedy head's running argmax. Each reproduces the torch
+// code it stands in for (tiergen/models/llama.py rms_norm, tiergen/models/rope.py apply_rope_into,
+// tiergen/models/base.py linear_gated):
 // float32 arithmetic with the same roundings to bfloat16, so only the order of
 // a row's sum of squares can differ.
 #include "common.h"
@@ -11,6 +12,7 @@
 #if TIERGEN_HAVE_KERNEL
 namespace {
 
+using tiergen::exp512;
 using tiergen::load_bf16;
 using tiergen::store_bf16;
 using tiergen::tail;
@@ -99,6 +101,34 @@ void rope_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Te
 #endif
 }
 
+// out = silu(g) * u for gu [N, 2F] = (g | u) bfloat16 rows with unit last stride: silu(g) =
+// g / (1 + e^-g) and the product in float32, rounded once (models/base.py linear_gated).
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.scalar_type() == at::kBFloat16 && gu.dim() == 2 && gu.stride(1) == 1 && gu.size(1) % 2 == 0,
+              "silu_mul: bfloat16 gu [N, 2F] expected");
+  const int64_t N = gu.size(0), F = gu.size(1) / 2, gs = gu.stride(0);
+  auto out = torch::empty({N, F}, gu.options());
+#if TIERGEN_HAVE_KERNEL
+  const uint16_t* gp = (const uint16_t*)gu.data_ptr();
+  uint16_t* op = (uint16_t*)out.data_ptr();
+  const __m512 one = _mm512_set1_ps(1.f);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* g = gp + r * gs;
+      for (int64_t c = 0; c < F; c += 16) {
+        const __mmask16 m = tail(F - c);
+        const __m512 x = load_bf16(g + c, m);
+        const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        store_bf16(op + r * F + c, _mm512_mul_ps(s, load_bf16(g + F + c, m)), m);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "silu_mul: built without AVX-512 BF16");
+#endif
+  return out;
+}
+
 // The greedy head over one vocabulary slice: for each row of logits [N, C] (bfloat16, unit
 // last stride) its largest value and first index; best [N] float32 and arg [N] int64 take
 // them (plus offset) where ``first`` or where they beat the row's best so far -- ties go to
@@ -149,6 +179,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of bfloat16 rows in one pass",
         py::call_guard<py::gil_scoped_release>());
   m.def("rope_into", &rope_into, "rotary embedding of bfloat16 rows into out, in one pass",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "gated SiLU of bfloat16 rows (g | u) in one pass",
         py::call_guard<py::gil_scoped_release>());
   m.def("argmax_update", &argmax_update, "running greedy argmax over one slice of bfloat16 logits",
         py::call_guard<py::gil_scoped_release>());

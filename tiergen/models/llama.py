@@ -5,8 +5,8 @@ import torch
 
 from .. import kernels
 from ..config import ModelConfig
-from .base import (Family, LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act,
-                   linear_add, linear_mul, register, row_chunks)
+from .base import (Family, LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_add,
+                   linear_gated, register, row_chunks)
 from .rope import apply_rope_into, rope_cos_sin
 
 _L = r"(?:model\.)?layers\.(?P<i>\d+)\."
@@ -46,9 +46,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 @register("llama")
 class Llama(Family):
-    # one product for Q, K and V (weights/fusion.py); the MLP's gate and up stay apart, so
-    # oneDNN applies SiLU and the gate product to their float32 sums, rounding once
-    fusion = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv")}
+    # one product for Q, K and V, one for the MLP's gate and up (weights/fusion.py)
+    fusion = {"w_qkv": ("wq", "wk", "wv"), "b_qkv": ("bq", "bk", "bv"),
+              "w_gate_up": ("w_gate", "w_up"), "b_gate_up": ("b_gate", "b_up")}
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -108,7 +108,7 @@ class Llama(Family):
         for r in chunks:
             y = linear_add(o[r], w["wo"], w.get("bo"), rows[r])
             h = rms_norm(y, w["ffn_norm"], c.norm_eps)
-            g = linear_mul(h, w["w_up"], w.get("b_up"), linear_act(h, w["w_gate"], w.get("b_gate"), self.act))
+            g = linear_gated(h, w["w_gate_up"], w.get("b_gate_up"), self.act)
             out.append(linear_add(g, w["w_down"], w.get("b_down"), y))
         return join_rows(out).view(B, T, E)
 

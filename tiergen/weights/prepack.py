@@ -12,9 +12,10 @@ float32 products go through oneDNN too, packed or plain: a plain float32
 every float32 CPU product takes the oneDNN call and placements agree. On an
 AVX2 machine (2-core EPYC) SmolLM2's 256-row decode step ran 5-8 % faster so.
 
-The same oneDNN call also takes an epilogue: a gated MLP's activation and gate
-product and the residual adds run inside their matmuls, rounded once, instead of
-as passes of their own over the product. Plain weights (streamed ones) go
+The same oneDNN call also takes an epilogue: an MLP's activation (OPT's) and the
+residual adds run inside their matmuls, rounded once, instead of as passes of
+their own over the product. (A gated MLP's gate and up run as one product over
+their stacked matrix instead, models/base.py ``linear_gated``.) Plain weights (streamed ones) go
 through the same call, so every placement of a layer computes the same bits.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def epilogues_available(dtype: torch.dtype) -> bool:
         x, w, o = torch.ones(2, 32, dtype=dtype), torch.ones(16, 32, dtype=dtype), torch.ones(2, 16, dtype=dtype)
         for act in FUSED_ACTIVATIONS:
             linear_act(x, w, None, act)
-        return all(linear_binary(x, o, w, None, op).shape == (2, 16) for op in ("add", "mul"))
+        return all(linear_binary(x, o, w, None, op).shape == (2, 16) for op in ("add",))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
@@ -93,7 +94,7 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: st
 
 def linear_binary(x: torch.Tensor, other: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                   op: str) -> torch.Tensor:
-    """(x @ w.T + b) ``op`` other, op in {"add", "mul"}, in one pass, rounded once."""
+    """(x @ w.T + b) ``op`` other (oneDNN's binary post-op: "add", "mul", ...), in one pass, rounded once."""
     return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, op)
 
 
