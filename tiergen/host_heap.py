@@ -41,7 +41,7 @@ _LIBC = _libc()
 _low = [None]   # the lowest anonymous RSS seen since the last trim
 
 
-_statm: list = [None, None]   # (pid, fd): /proc/self names the process that opened it
+_statm: list[int | None] = [None, None]   # (pid, fd): /proc/self names the process that opened it
 
 
 def anon_resident() -> int:

@@ -3,7 +3,7 @@
 // code it stands in for (tiergen/models/llama.py rms_norm, tiergen/models/rope.py apply_rope_into,
 // tiergen/models/base.py linear_gated):
 // float32 arithmetic with the same roundings to bfloat16, so only the order of
-// a row's sum of squares can differ.
+// a row's sum of squares and the last bits of e^x can differ.
 #include "common.h"
 
 #include <cmath>

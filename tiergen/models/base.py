@@ -100,8 +100,8 @@ def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: st
 def linear_gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(g) * u for (g | u) = linear(x, w, b): a gated MLP's gate and up products as one,
     over their stacked matrix (weights/fusion.py); one wide product runs faster than two
-    narrow ones. At half precision act(g) * u is computed in float32 and rounded once: the
-    reference's extra rounding of act(g) costs accuracy (against float32) and buys nothing."""
+    narrow ones. At half precision act(g) * u is computed in float32 and rounded once, a
+    rounding fewer than the reference's (BENCHMARKS.md §6, 2026-12-03)."""
     gu = linear(x, w, b)
     fast = kernels.for_bf16("rowwise", gu) if act == "silu" and gu.dim() == 2 else None
     if fast is not None:   # activation and product in one pass (tiergen/kernels/rowwise.cpp)

@@ -14,9 +14,9 @@ AVX2 machine (2-core EPYC) SmolLM2's 256-row decode step ran 5-8 % faster so.
 
 The same oneDNN call also takes an epilogue: an MLP's activation (OPT's) and the
 residual adds run inside their matmuls, rounded once, instead of as passes of
-their own over the product. (A gated MLP's gate and up run as one product over
-their stacked matrix instead, models/base.py ``linear_gated``.) Plain weights (streamed ones) go
-through the same call, so every placement of a layer computes the same bits.
+their own over the product (a gated MLP's gate and up are one product instead,
+models/base.py ``linear_gated``). Plain weights (streamed ones) go through the
+same call, so every placement of a layer computes the same bits.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def epilogues_available(dtype: torch.dtype) -> bool:
         x, w, o = torch.ones(2, 32, dtype=dtype), torch.ones(16, 32, dtype=dtype), torch.ones(2, 16, dtype=dtype)
         for act in FUSED_ACTIVATIONS:
             linear_act(x, w, None, act)
-        return all(linear_binary(x, o, w, None, op).shape == (2, 16) for op in ("add",))
+        return linear_binary(x, o, w, None, "add").shape == (2, 16)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
