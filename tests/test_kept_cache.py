@@ -87,3 +87,27 @@ def test_kept_buffers_never_refuse_a_call_that_fits_without_them(hf_model_dirs):
     assert llm.tiers.gpu.current > base
     # every charge checks the budget, so the call passing is the check
     assert tokens(llm, SHORT) == tokens(LLM(path, dtype="float32", batch_size=4), SHORT)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_keys_and_values_written_in_place_match_stored_copies(dtype, hf_model_dirs, monkeypatch):
+    """A decode step's keys and values land in the dense cache's own column (new_rows);
+    written into fresh tensors and copied in by attend instead, every score is the same."""
+    _, path = hf_model_dirs("llama_gqa")
+    llm = LLM(path, dtype=dtype, batch_size=4)
+    real, handed = kv_cache.LayerCache.new_rows, []
+
+    def spy(self, start, num_new):
+        rows = real(self, start, num_new)
+        handed.append(rows is not None)
+        return rows
+    monkeypatch.setattr(kv_cache.LayerCache, "new_rows", spy)
+    in_place = tokens(llm, LONG)
+    layers = llm.config.num_layers
+    # the prefill's 12 columns are copied; every decode step's column is written in place
+    assert handed[:layers] == [False] * layers and all(handed[layers:]) and len(handed) > layers
+    sampled = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=1.5, seed=3)   # flat: any change shows
+    drawn = [o.token_ids for o in llm.generate(prompt_token_ids=LONG, params=sampled)]
+    monkeypatch.setattr(kv_cache.LayerCache, "new_rows", lambda self, start, num_new: None)
+    assert tokens(llm, LONG) == in_place
+    assert [o.token_ids for o in llm.generate(prompt_token_ids=LONG, params=sampled)] == drawn

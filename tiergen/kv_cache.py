@@ -231,6 +231,14 @@ class LayerCache:
         p.work, p.work_bytes, p.pending, p.work_event = None, 0, None, None
 
     # ---------------------------------------------------------------- attend
+    def new_rows(self, start: int, num_new: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step's column of the dense compute rows, token-major [B, Hkv, D], where
+        they hold every row: the model's keys and values land there, with no copy to store."""
+        parts = self.owner.parts[self.j]
+        if num_new != 1 or len(parts) != 1 or not parts[0].head_major:
+            return None
+        return parts[0].k[:, :, start], parts[0].v[:, :, start]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         o = self.owner
         start, T = ctx.start, k.shape[2]
@@ -240,7 +248,9 @@ class LayerCache:
             r = p.rows
             qp, kp, vp, mp = q[r], k[r], v[r], ctx.mask[r]
             if p.head_major:
-                p.k[:, :, start:end], p.v[:, :, start:end] = kp, vp
+                for dst, src in ((p.k[:, :, start:end], kp), (p.v[:, :, start:end], vp)):
+                    if not _same_view(dst, src):   # not written in place (new_rows)
+                        dst.copy_(src)
                 cast = o.rt.cast_scratch.cast
                 outs.append(attention(qp, cast(p.k[:, :, :end], qp.dtype, 2, o.max_len, "k"),
                                       cast(p.v[:, :, :end], qp.dtype, 2, o.max_len, "v"), mp))
@@ -343,6 +353,12 @@ def _store_nbytes(store: Store) -> int:
 def _hm(t: torch.Tensor) -> torch.Tensor:
     """token-major [S,n,H,D] -> head-major view [n,H,S,D]."""
     return t.permute(1, 2, 0, 3)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the same elements (a size-1 dimension's stride is arbitrary)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+            and all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride())))
 
 
 class KVCache:

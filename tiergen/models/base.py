@@ -44,6 +44,12 @@ class StepContext:
 class LayerKV(Protocol):
     """One layer's slice of a micro-batch's KV cache, as the model sees it."""
 
+    def new_rows(self, start: int, num_new: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token-major views [B*num_new, Hkv, D] of the cache's own memory for the new keys and
+        values at column ``start``, where it has such (None: the model makes its own). Keys
+        and values written there are stored already when ``attend`` receives them."""
+        ...
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                ctx: StepContext) -> torch.Tensor:
         """Store k/v [B,Hkv,T,D] at ctx.start, return attention of q [B,H,T,D] over the cache."""

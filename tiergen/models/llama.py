@@ -92,9 +92,9 @@ class Llama(Family):
         chunks = row_chunks(n, ctx.chunk_rows)
         cos, sin = ctx.extra["rope"]
         # Token-wise work runs chunk by chunk; only attention needs every token at once.
+        # New keys and values go straight into the cache where it offers its memory.
         q = x.new_empty(n, H, D)
-        k = x.new_empty(n, Hkv, D)
-        v = x.new_empty(n, Hkv, D)
+        k, v = kv.new_rows(ctx.start, T) or (x.new_empty(n, Hkv, D), x.new_empty(n, Hkv, D))
         for r in chunks:
             h = rms_norm(rows[r], w["attn_norm"], c.norm_eps)
             qr, kr, vr = linear(h, w["w_qkv"], w.get("b_qkv")).split((H * D, Hkv * D, Hkv * D), -1)

@@ -378,6 +378,9 @@ class _PlainKV:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
+    def new_rows(self, start: int, num_new: int) -> None:
+        return None
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Any) -> torch.Tensor:
         from ..models.attention import attention
         end = ctx.start + k.shape[2]
