@@ -99,6 +99,10 @@ def fastest_dtype(peak: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- rounds
+def generated(r: dict[str, Any]) -> int:
+    return sum(map(len, r["tokens"]))
+
+
 def best_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Each system's fastest run over the rounds (a failed round counts only if all failed)."""
     best: dict[str, Any] = {}
@@ -117,8 +121,7 @@ def round_ratios(rounds: list[dict[str, Any]]) -> list[float | None]:
     for rd in rounds:
         tg, hf = rd.get("tiergen", {}), rd.get("transformers", {})
         ok = "wall_s" in tg and "wall_s" in hf and "error" not in tg and "error" not in hf
-        out.append(sum(map(len, tg["tokens"])) / tg["wall_s"] / (sum(map(len, hf["tokens"])) / hf["wall_s"])
-                   if ok else None)
+        out.append(generated(tg) / tg["wall_s"] / (generated(hf) / hf["wall_s"]) if ok else None)
     return out
 
 
@@ -161,7 +164,7 @@ def report(res: dict[str, Any], cfg: Any, n: int, plen: int, gen: int) -> dict[s
     for name, r in systems.items():
         if name == "peak" or "error" in r:
             continue
-        toks = sum(map(len, r["tokens"]))
+        toks = generated(r)
         summary[name] = {"tok_s": toks / r["wall_s"], "wall_s": r["wall_s"], "generated": toks,
                          "other_cpu_s": r["other_cpu_s"], "cores_used": r["cores_used"]}
     tg = summary.get("tiergen")
@@ -298,13 +301,14 @@ def main() -> None:
             for name in again:
                 if name == "transformers" and spec["hf_dtype"] == "auto":
                     spec["hf_dtype"] = fastest_dtype(res["systems"].get("peak", {}))
-                if name == "transformers" and i and "error" not in rounds[0].get(name, {"error": 1}):
-                    spec["hf_batches"] = [rounds[0][name]["batch_size"]]
+                first = rounds[0].get(name) if i else None
+                if name == "transformers" and first is not None and "error" not in first:
+                    spec["hf_batches"] = [first["batch_size"]]
                 with open(spec_path, "w") as f:
                     json.dump(spec, f)
                 print(f"running {name} (round {i + 1} of {a.rounds}) ...", flush=True)
                 done[name] = run_worker(name, spec_path, tmp)
-                res["systems"].setdefault(name, done[name])
+                res["systems"].setdefault(name, done[name])   # the peak's rates pick transformers' dtype
             rounds.append(done)
         res["systems"].update(best_of_rounds(rounds))
         res["rounds"] = [{n: {k: v for k, v in r.items() if k != "tokens"} for n, r in rd.items()}

@@ -277,6 +277,7 @@ def load():
     # plain weights: packed ones have no data pointer to name them by, and their products
     # (with fused epilogues) would not pass through route_linears
     prepack.available = lambda dtype: False
+    prepack.epilogues_available.cache_clear()   # an earlier answer would still fuse residual adds
     llm = LLM("smollm2-135m", dtype="float32", policy=Policy(gpu_batch_size=32))
     names, weights = {}, {}
     for g, homes in llm.weights.homes.items():
