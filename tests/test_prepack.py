@@ -4,6 +4,7 @@ import torch
 
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.weights import prepack
+from tiergen.weights.tiered import amx_head_serves
 
 DTYPES = ["bfloat16", "float32"]
 
@@ -21,6 +22,16 @@ def run(llm: LLM) -> tuple[list[list[int]], list[float]]:
     return [o.token_ids for o in out], [s.logprob for s in llm.score(token_ids=PROMPTS)]
 
 
+def assert_head_kept_for_its_kernel(llm):
+    """A resident CPU head is packed in vocabulary slices for oneDNN, or kept plain where the AMX
+    head kernel reads it (bfloat16 on an AMX CPU)."""
+    head = llm.weights.homes["head"]["lm_head"].tensor
+    if amx_head_serves(llm.dtype):
+        assert isinstance(head, torch.Tensor) and not head.is_mkldnn and head.dtype == torch.bfloat16
+    else:
+        assert isinstance(head, prepack.PackedRows)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["opt", "llama_gqa", "qwen2", "mistral"])
 def test_packed_weights_match_plain_bit_for_bit(name, dtype, hf_model_dirs, monkeypatch, tmp_path):
@@ -31,7 +42,7 @@ def test_packed_weights_match_plain_bit_for_bit(name, dtype, hf_model_dirs, monk
     mats = [k for k, h in layer.items() if len(h.shape) == 2]
     assert mats and all(layer[k].tensor.is_mkldnn for k in mats)
     assert not any(h.tensor.is_mkldnn for h in packed.weights.homes["embed"].values())
-    assert isinstance(packed.weights.homes["head"]["lm_head"].tensor, prepack.PackedRows)
+    assert_head_kept_for_its_kernel(packed)
     got = run(packed)
     monkeypatch.setattr(prepack, "packable", lambda t: False)
     plain = LLM(path, dtype=dtype, batch_size=4)
@@ -80,12 +91,16 @@ def test_packed_head_is_counted_and_streamed_heads_agree(name, dtype, hf_model_d
     _, path = hf_model_dirs(name)
     llm = LLM(path, dtype=dtype, batch_size=4)
     head = llm.weights.homes["head"]["lm_head"]
-    assert isinstance(head.tensor, prepack.PackedRows)
-    extra = weight_demand(llm.model, llm.dtype, llm.policy, llm.device)["gpu"]["packed LM head"]
-    # a tied head takes a packed copy beside the embedding's rows, charged to its tier; an untied one is replaced
-    assert extra == (head.nbytes if llm.weights.tied else 0)
+    assert_head_kept_for_its_kernel(llm)
+    demand = weight_demand(llm.model, llm.dtype, llm.policy, llm.device)["gpu"]
+    if amx_head_serves(llm.dtype):   # the AMX kernel reads the plain rows: a tied head is the embedding itself
+        assert "packed LM head" not in demand and (head.tensor is llm.weights.homes["embed"]["tok"].tensor) == llm.weights.tied
+    else:
+        # a tied head takes a packed copy beside the embedding's rows, charged to its tier; an untied one is replaced
+        assert demand["packed LM head"] == (head.nbytes if llm.weights.tied else 0)
+    shared = [h for h in llm.weights.homes["head"].values() if h.tensor is llm.weights.homes["embed"]["tok"].tensor]
     assert llm.weights.nbytes_by_tier()["gpu"] == sum(h.nbytes for hs in llm.weights.homes.values()
-                                                       for h in hs.values())
+                                                       for h in hs.values()) - sum(h.nbytes for h in shared)
     got = run(llm)
     # the same head streamed from disk is plain, sliced the same way: the same tokens and scores
     disk = LLM(path, dtype=dtype, policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),

@@ -10,12 +10,17 @@ from .. import kernels
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
               scale: float | None = None) -> torch.Tensor:
     """q [B,H,T,D], k/v [B,Hkv,S,D], mask [B,1,T,S] bool (True = may attend)."""
+    scale_ = q.shape[-1] ** -0.5 if scale is None else scale
     if q.device.type == "cpu" and q.shape[2] == 1:
         kernel = decode_kernel(q, k, v)
         if kernel is not None:
-            return kernel.decode_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+            return kernel.decode_attention(q, k, v, mask, scale_)
         if q.dtype == torch.float32:
             return grouped_attention(q, k, v, mask, scale)
+    elif q.device.type == "cpu":
+        kernel = prefill_kernel(q, k, v)
+        if kernel is not None:
+            return kernel.prefill_attention(q, k, v, mask, scale_)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
@@ -28,6 +33,14 @@ def decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The compiled one-token kernel where it handles these tensors, else None."""
     name = DECODE_KERNELS.get(q.dtype)
     mod = kernels.for_dtype(q.dtype, name, q, k, v) if name else None
+    if mod is None or not mod.supports(q.shape[1], k.shape[1], q.shape[-1]):
+        return None
+    return mod
+
+
+def prefill_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The compiled many-token kernel (AMX, bfloat16) where it handles these tensors, else None."""
+    mod = kernels.for_bf16("prefill_attention", q, k, v)
     if mod is None or not mod.supports(q.shape[1], k.shape[1], q.shape[-1]):
         return None
     return mod

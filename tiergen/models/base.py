@@ -135,7 +135,18 @@ def head(model: Model, w: Weights, x: torch.Tensor) -> torch.Tensor:
     return _vocab_logits(model.head_features(w, x), w["lm_head"])
 
 
+def amx_head(h: torch.Tensor, weight: Any):
+    """The AMX head kernel (tiergen/kernels/lm_head.cpp) where it serves these tensors, else None:
+    float32 logits of bfloat16 features from the weight's plain rows, resident or streamed."""
+    if not isinstance(weight, torch.Tensor) or weight.is_mkldnn or weight.dim() != 2:
+        return None
+    return kernels.for_bf16("lm_head", h, weight)
+
+
 def _vocab_logits(h: torch.Tensor, weight: Any) -> torch.Tensor:
+    fast = amx_head(h, weight)
+    if fast is not None:   # float32 logits: ranks no two ids equal that rounding alone made so
+        return fast.logits(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
     if isinstance(weight, prepack.PackedRows):
         return torch.cat([linear(h, part) for _, part in weight.slices()], -1)
     return linear(h, weight)
@@ -144,11 +155,16 @@ def _vocab_logits(h: torch.Tensor, weight: Any) -> torch.Tensor:
 def greedy_head(model: Model, w: Weights, x: torch.Tensor, slice_rows: int | None = None) -> torch.Tensor:
     """argmax of ``head(model, w, x)`` per row, on x's device.
 
-    With ``slice_rows`` the projection runs over slices of that many vocabulary ids,
+    Where the AMX head kernel serves (bfloat16 on a CPU with AMX) the argmax is of float32
+    logits, not of their bfloat16 rounding. Otherwise, with ``slice_rows`` the projection
+    runs over slices of that many vocabulary ids,
     keeping each row's running best: the [B,V] logits never exist, the weight is read
     once, and each slice stays in cache. Ties go to the lowest id, as argmax does.
     """
     h = model.head_features(w, x)
+    fast = amx_head(h, w["lm_head"])
+    if fast is not None:   # the argmax of float32 logits, taken tile by tile (no [B,V] logits)
+        return fast.argmax(h, w["lm_head"])
     if slice_rows is None:
         return _vocab_logits(h, w["lm_head"]).argmax(-1)
     slices = prepack.row_slices(w["lm_head"], slice_rows)
