@@ -12,45 +12,19 @@
 // tile, the features put once a call into the right operand's pair-interleaved layout. Each
 // step is a 2 x 2 block of tiles (32 ids x 32 rows over 32 input dims), and a row's best
 // id is kept lane-wise, one lane per row.
-#include "common.h"
+#include "amx.h"
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
-#if TIERGEN_HAVE_KERNEL && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define TIERGEN_HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define TIERGEN_HAVE_AMX 0
-#endif
-
 #if TIERGEN_HAVE_AMX
 namespace {
 
+using tiergen::amx_ready;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kRowChunk = 512;   // feature rows whose packed form stays in L2
-
-// Linux hands out AMX's tile state only to a process that asks for it (arch_prctl).
-bool amx_ready() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-// Tiles 0-1: two blocks of 16 ids' weights; 2-3: two blocks of 16 feature rows; 4-7: products.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int i = 0; i < 8; ++i) colsb[i] = 64, rows[i] = 16;
-  }
-};
 
 // The features h [N, K] in AMX's right-operand layout: block (nb, kb) row r holds, for rows
 // n = 0..15, the dims (32 kb + 2r, 32 kb + 2r + 1) of row 16 nb + n. Past N or K: zeros.
@@ -102,7 +76,8 @@ struct IdBlock {
   }
 };
 
-// logits^T of ids id0 .. id0 + 31 and feature rows r0 .. r0 + 31 into c [32 ids x 32 rows]
+// logits^T of ids id0 .. id0 + 31 and feature rows r0 .. r0 + 31 into c [32 ids x 32 rows].
+// Tiles 0-1: two blocks of 16 ids' weights; 2-3: two blocks of 16 feature rows; 4-7: products.
 inline void block(const Features& f, const IdBlock& w, int64_t r0, float* c) {
   _tile_zero(4);
   _tile_zero(5);
@@ -135,8 +110,7 @@ void for_blocks(const Features& f, const torch::Tensor& w, Fn&& fn) {
   const int64_t V = w.size(0), K = w.size(1), rs = w.stride(0);
   const uint16_t* wp = (const uint16_t*)w.data_ptr();
   at::parallel_for(0, (V + 31) / 32, 1, [&](int64_t begin, int64_t end) {
-    const TileConfig cfg;
-    _tile_loadconfig(&cfg);
+    const tiergen::TileScope tiles;
     alignas(64) float c[32 * 32];
     for (int64_t rc = 0; rc < f.NP; rc += kRowChunk)
       for (int64_t v32 = begin; v32 < end; ++v32) {
@@ -146,7 +120,6 @@ void for_blocks(const Features& f, const torch::Tensor& w, Fn&& fn) {
           fn(begin, 32 * v32, r0, (const float*)c);
         }
       }
-    _tile_release();
   });
 }
 

@@ -9,23 +9,16 @@
 // weights are rounded to bfloat16 for the value product, as SDPA's CPU kernel rounds them.
 // Key blocks that no row of a query block may see (the causal future, left padding) are
 // skipped.
-#include "common.h"
+#include "amx.h"
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
-#if TIERGEN_HAVE_KERNEL && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define TIERGEN_HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define TIERGEN_HAVE_AMX 0
-#endif
-
 #if TIERGEN_HAVE_AMX
 namespace {
 
+using tiergen::amx_ready;
 using tiergen::exp512;
 using tiergen::store_bf16;
 using tiergen::tail;
@@ -33,27 +26,8 @@ using tiergen::transpose16;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Linux hands out AMX's tile state only to a process that asks for it (arch_prctl).
-bool amx_ready() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-
-// Eight tiles of 16 rows x 64 bytes: 0 the scores block, 1 an A operand (queries or
-// weights), 2 a B operand (keys or values), 4-7 the value sums of up to 64 output dims.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int i = 0; i < 8; ++i) colsb[i] = 64, rows[i] = 16;
-  }
-};
-
+// Tiles: 0-1 left operands (queries, or softmax weights), 2-3 right operands (keys, or
+// values), 4-7 four blocks of sums (scores, or value sums of 64 output dims).
 struct Args {
   const uint16_t *q, *k, *v;
   const bool* mask;
@@ -322,8 +296,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
                mask.stride(0), mask.stride(2), mask.stride(3), (float)scale};
   const int64_t G = H / Hkv;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    const TileConfig cfg;
-    _tile_loadconfig(&cfg);
+    const tiergen::TileScope tiles;
     Scratch w(S, T, D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, j = item % Hkv;
@@ -333,7 +306,6 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t0 = 0; t0 < T; t0 += 16) attend_block(a, b, j * G + g, t0, w);
     }
-    _tile_release();
   });
 #endif
   return out.transpose(1, 2);
