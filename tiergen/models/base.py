@@ -138,7 +138,7 @@ def head(model: Model, w: Weights, x: torch.Tensor) -> torch.Tensor:
 def amx_head(h: torch.Tensor, weight: Any):
     """The AMX head kernel (tiergen/kernels/lm_head.cpp) where it serves these tensors, else None:
     float32 logits of bfloat16 features from the weight's plain rows, resident or streamed."""
-    if not isinstance(weight, torch.Tensor) or weight.is_mkldnn or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or weight.is_mkldnn or weight.dim() != 2 or h.numel() == 0:
         return None
     return kernels.for_bf16("lm_head", h, weight)
 
