@@ -1,4 +1,6 @@
-"""Assertions shared by the placement and compression grids."""
+"""Assertions shared by the placement and compression grids, and the kernels' attention reference."""
+import torch
+
 from tiergen import LLM, Policy, SamplingParams
 
 
@@ -39,3 +41,11 @@ def resident_references(hf_model_dirs, prompts: list[list[int]], params: Samplin
             cache[key] = (path, *reference(path, prompts, params, policy=P([100, 0, 100, 0, 100, 0], **kw)))
         return cache[key]
     return get
+
+
+def attention_reference(q, k, v, mask, scale):
+    """float64 softmax attention, each query head on its group's K/V head."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v

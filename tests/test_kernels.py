@@ -4,20 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import attention_reference
 from tiergen import LLM, SamplingParams, kernels
 from tiergen.models import attention as attn
 
 mod = kernels.load("decode_attention")
 needs_attn = pytest.mark.skipif(mod is None, reason="the kernel cannot be built here (needs a C++ compiler, "
                                 "ninja and AVX-512 BF16)")
-
-
-def reference(q, k, v, mask, scale):
-    """float64 softmax attention, each query head on its group's K/V head."""
-    G = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    s = (q.double() @ k.transpose(-1, -2)) * scale
-    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
 
 
 def case(B, H, Hkv, D, S, cap, seed, dtype=torch.bfloat16):
@@ -38,7 +31,7 @@ def test_kernel_matches_reference(H, Hkv, D, S):
     q, k, v, mask = case(5, H, Hkv, D, S, S + 9, seed=S * 31 + H)
     assert mod.supports(H, Hkv, D)
     got = mod.decode_attention(q, k, v, mask, D ** -0.5)
-    want = reference(q, k, v, mask, D ** -0.5)
+    want = attention_reference(q, k, v, mask, D ** -0.5)
     assert got.shape == (5, H, 1, D) and got.dtype == torch.bfloat16
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
     torch.testing.assert_close(got.float(), sdpa.float(), rtol=2 ** -6, atol=2 ** -7)
@@ -63,7 +56,7 @@ def test_token_major_views_and_large_scores():
     mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
     got = mod.decode_attention(q, k, v, mask, 0.125)
     assert torch.isfinite(got.float()).all()
-    torch.testing.assert_close(got.double(), reference(q, k, v, mask, 0.125), rtol=2 ** -7, atol=2 ** -9)
+    torch.testing.assert_close(got.double(), attention_reference(q, k, v, mask, 0.125), rtol=2 ** -7, atol=2 ** -9)
 
 
 @needs_attn
@@ -76,7 +69,7 @@ def test_unsupported_layouts_fall_back_to_sdpa():
     assert attn.decode_kernel(q.float(), k.float(), v.float()) is None
     mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
     out = attn.attention(q, k, v, mask)
-    torch.testing.assert_close(out.double(), reference(q, k, v, mask, 0.125), rtol=2 ** -6, atol=2 ** -7)
+    torch.testing.assert_close(out.double(), attention_reference(q, k, v, mask, 0.125), rtol=2 ** -6, atol=2 ** -7)
 
 
 def teacher_forced_logits(llm, ids, tokens):
@@ -142,7 +135,7 @@ def test_float32_kernel_matches_reference(H, Hkv, D, S):
     assert mod32.supports(H, Hkv, D) and attn.decode_kernel(q, k, v) is mod32
     got = mod32.decode_attention(q, k, v, mask, D ** -0.5)
     assert got.shape == (5, H, 1, D) and got.dtype == torch.float32
-    want = reference(q, k, v, mask, D ** -0.5)
+    want = attention_reference(q, k, v, mask, D ** -0.5)
     # float32 throughout: as close to float64 as the batched-matmul form the torch path runs
     err = (got.double() - want).abs().max()
     err_torch = (attn.grouped_attention(q, k, v, mask).double() - want).abs().max()
@@ -161,7 +154,7 @@ def test_float32_kernel_on_token_major_views_large_scores_and_empty_rows():
     mask[2] = False                                       # a row that sees no key attends to nothing
     got = mod32.decode_attention(q, k, v, mask, 0.125)
     assert torch.isfinite(got).all() and (got[2] == 0).all()
-    torch.testing.assert_close(got[:2].double(), reference(q, k, v, mask, 0.125)[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:2].double(), attention_reference(q, k, v, mask, 0.125)[:2], rtol=1e-5, atol=1e-5)
     assert not mod32.supports(32, 2, 64) and not mod32.supports(8, 8, 72)
 
 

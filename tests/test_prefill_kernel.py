@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import attention_reference
 from tiergen import LLM, kernels
 from tiergen.models import attention as attn
 from tiergen.models.attention import build_mask
@@ -12,14 +13,6 @@ from tiergen.models.attention import build_mask
 mod = kernels.load("prefill_attention")
 needs_amx = pytest.mark.skipif(mod is None, reason="the kernel cannot be built or used here (needs a C++ "
                                "compiler, ninja and AMX BF16)")
-
-
-def reference(q, k, v, mask, scale):
-    """float64 softmax attention, each query head on its group's K/V head."""
-    G = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    s = (q.double() @ k.transpose(-1, -2)) * scale
-    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
 
 
 def case(B, H, Hkv, D, T, start, seed):
@@ -37,7 +30,7 @@ def case(B, H, Hkv, D, T, start, seed):
 
 
 def assert_as_accurate_as_sdpa(got, q, k, v, mask, scale):
-    want = reference(q, k, v, mask, scale)
+    want = attention_reference(q, k, v, mask, scale)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     assert got.shape == sdpa.shape and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), sdpa.float(), rtol=2 ** -6, atol=2 ** -7)
@@ -83,7 +76,7 @@ def test_rows_that_see_no_key_attend_to_nothing():
     got = mod.prefill_attention(q, k, v, mask, 0.125)
     assert (got[0, :, 3] == 0).all() and (got[1, :, 16:] == 0).all()
     keep = mask[:, 0].any(-1)                               # [B, T]: rows that see a key
-    want = reference(q, k, v, mask, 0.125)
+    want = attention_reference(q, k, v, mask, 0.125)
     got_rows, want_rows = got.transpose(1, 2)[keep], want.transpose(1, 2)[keep]
     torch.testing.assert_close(got_rows.double(), want_rows, rtol=2 ** -6, atol=2 ** -7)
 
@@ -99,7 +92,7 @@ def test_attention_routes_prompts_through_the_kernel_and_the_rest_elsewhere():
     q80 = torch.randn(2, 8, 12, 80).bfloat16()
     k80 = v80 = torch.randn(2, 8, 12, 80).bfloat16()
     assert attn.prefill_kernel(q80, k80, v80) is None
-    torch.testing.assert_close(attn.attention(q80, k80, v80, mask).double(), reference(q80, k80, v80, mask, 80 ** -0.5),
+    torch.testing.assert_close(attn.attention(q80, k80, v80, mask).double(), attention_reference(q80, k80, v80, mask, 80 ** -0.5),
                                rtol=2 ** -6, atol=2 ** -7)
 
 

@@ -135,14 +135,6 @@ void check(const torch::Tensor& h, const torch::Tensor& w) {
 }  // namespace
 #endif
 
-bool amx_available() {
-#if TIERGEN_HAVE_AMX
-  return amx_ready();
-#else
-  return false;
-#endif
-}
-
 // float32 logits [N, V] of features h [N, K] against the weight w [V, K].
 torch::Tensor logits(const torch::Tensor& h, const torch::Tensor& w) {
   auto out = torch::empty({h.size(0), w.size(0)}, h.options().dtype(at::kFloat));
@@ -219,7 +211,7 @@ torch::Tensor argmax(const torch::Tensor& h, const torch::Tensor& w) {
 
 // The kernels touch no Python object, so other Python threads run meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("available", &amx_available, "whether this build and this process can use the kernels (AMX BF16)");
+  m.def("available", &tiergen::amx_ready, "whether this build and this process can use the kernels (AMX BF16)");
   m.def("logits", &logits, "float32 logits of bfloat16 features", py::call_guard<py::gil_scoped_release>());
   m.def("argmax", &argmax, "the greedy head: each row's largest float32 logit's id",
         py::call_guard<py::gil_scoped_release>());

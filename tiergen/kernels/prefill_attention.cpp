@@ -264,14 +264,6 @@ bool supports(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
 #endif
 }
 
-bool amx_available() {
-#if TIERGEN_HAVE_AMX
-  return amx_ready();
-#else
-  return false;
-#endif
-}
-
 // q [B,H,T,D], k/v [B,Hkv,S,D] bfloat16 with unit last stride, mask [B,1,T,S] bool (true:
 // may attend). Returns softmax(q k^T * scale + mask) v as a [B,H,T,D] view of [B,T,H,D]
 // memory, so the layer's token-major reshape after it is free.
@@ -313,7 +305,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
 
 // The kernel touches no Python object, so other Python threads run meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("available", &amx_available, "whether this build and this process can use the kernel (AMX BF16)");
+  m.def("available", &tiergen::amx_ready, "whether this build and this process can use the kernel (AMX BF16)");
   m.def("supports", &supports, "whether the kernel handles this head layout");
   m.def("prefill_attention", &prefill_attention, "many-token GQA attention over a bfloat16 cache",
         py::call_guard<py::gil_scoped_release>());
