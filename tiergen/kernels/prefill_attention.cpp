@@ -2,8 +2,8 @@
 // with AMX (Sapphire Rapids and later).
 //
 // With a prompt's queries, Q K^T and P V are true matrix products, and one AMX instruction
-// runs a 16 x 16 x 32 block of either: SDPA's CPU kernel took 10 ms a layer on SmolLM2's
-// 256 x 64-token prefill. Each (sequence, K/V head) pair puts its keys and values into
+// runs a 16 x 16 x 32 block of either (SmolLM2's 256 x 64-token prefill: 4.4 ms a layer,
+// SDPA's CPU kernel 10.7). Each (sequence, K/V head) pair puts its keys and values into
 // AMX's pair-interleaved layout once; every query head of its group and every block of 16
 // query rows then reads them. Scores, softmax and the value sums are float32; the softmax
 // weights are rounded to bfloat16 for the value product, as SDPA's CPU kernel rounds them.

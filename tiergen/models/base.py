@@ -145,7 +145,7 @@ def amx_head(h: torch.Tensor, weight: Any):
 
 def _vocab_logits(h: torch.Tensor, weight: Any) -> torch.Tensor:
     fast = amx_head(h, weight)
-    if fast is not None:   # float32 logits: ranks no two ids equal that rounding alone made so
+    if fast is not None:   # float32 logits: no ties made by bfloat16 rounding alone
         return fast.logits(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
     if isinstance(weight, prepack.PackedRows):
         return torch.cat([linear(h, part) for _, part in weight.slices()], -1)
