@@ -51,6 +51,14 @@ def test_kernel_matches_sdpa_and_reference(H, Hkv, D, T, start):
 
 
 @needs_amx
+@pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 3), (2, 1)])
+def test_few_sequences_split_their_query_blocks_between_threads(B, Hkv):
+    # fewer (sequence, K/V head) pairs than two per thread: the pairs' query blocks are dealt out
+    q, k, v, mask = case(B, 4 * Hkv, Hkv, 64, 300, 20, seed=B * 7 + Hkv)
+    assert_as_accurate_as_sdpa(mod.prefill_attention(q, k, v, mask, 0.125), q, k, v, mask, 0.125)
+
+
+@needs_amx
 def test_token_major_views_sliding_window_and_large_scores():
     # host rows are token-major [S, B, Hkv, D], attended through permuted views; a sliding window
     # hides a row's first keys; one key far above the rest must not overflow the exponentials

@@ -286,17 +286,26 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
                mask.data_ptr<bool>(), (uint16_t*)out.data_ptr(), H, Hkv, T, S, D, q.stride(0), q.stride(1),
                q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                mask.stride(0), mask.stride(2), mask.stride(3), (float)scale};
-  const int64_t G = H / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t G = H / Hkv, pairs = B * Hkv, blocks = G * ((T + 15) / 16);
+  // Fewer than two pairs a thread (one long prompt): each pair's query blocks are dealt out
+  // to `split` items, which each pack the pair's keys and values for themselves -- a small
+  // price beside a long prompt's products, for cores that would otherwise idle or wait.
+  const int64_t split = std::min(blocks, std::max<int64_t>(1, (2 * at::get_num_threads() + pairs - 1) / pairs));
+  at::parallel_for(0, pairs * split, 1, [&](int64_t begin, int64_t end) {
     const tiergen::TileScope tiles;
     Scratch w(S, T, D);
+    int64_t packed = -1, ranged = -1;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, j = item % Hkv;
-      pack_keys(a, a.k + b * a.ksb + j * a.ksh, w);
-      pack_values(a, a.v + b * a.vsb + j * a.vsh, w);
-      if (j == 0 || item == begin) visible_ranges(a, b, w);   // one mask row serves a sequence's K/V heads
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t t0 = 0; t0 < T; t0 += 16) attend_block(a, b, j * G + g, t0, w);
+      const int64_t pair = item / split, part = item % split, b = pair / Hkv, j = pair % Hkv;
+      if (pair != packed) {
+        pack_keys(a, a.k + b * a.ksb + j * a.ksh, w);
+        pack_values(a, a.v + b * a.vsb + j * a.vsh, w);
+        packed = pair;
+      }
+      if (b != ranged) visible_ranges(a, b, w), ranged = b;   // one mask row serves a sequence's K/V heads
+      // block i is head i % G's query block i / G: dealt round-robin, each part gets early
+      // (cheap, causal) and late (dear) blocks alike
+      for (int64_t i = part; i < blocks; i += split) attend_block(a, b, j * G + i % G, 16 * (i / G), w);
     }
   });
 #endif
