@@ -66,3 +66,35 @@ def test_seeded_generation_is_reproducible_and_batch_invariant(hf_model_dirs):
     greedy = [o.token_ids for o in a.generate(prompt_token_ids=prompts,
                                                 params=SamplingParams(max_new_tokens=16, ignore_eos=True))]
     assert greedy != first, "sampling at temperature 1 should leave the greedy path"
+
+
+def test_nucleus_wider_than_its_candidates_matches_the_reference():
+    # flat rows over 3,000 ids: the nucleus outgrows the partial sort's candidates and the
+    # row is sorted whole; a peaked row beside them stays within them
+    from tiergen import sampling
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 3000, generator=g) * 0.1
+    logits[1] *= 60
+    assert sampling.NUCLEUS_CANDIDATES < 3000
+    for top_k, top_p in [(0, 0.9), (2500, 0.8), (0, 0.3)]:
+        kept = filter_logits(logits, top_k, top_p)
+        for r in range(3):
+            got = set(torch.nonzero(torch.isfinite(kept[r])).flatten().tolist())
+            assert got == allowed_set(logits[r], top_k, top_p), (top_k, top_p, r)
+    assert len(allowed_set(logits[0], 0, 0.9)) > sampling.NUCLEUS_CANDIDATES
+
+
+def test_draws_follow_the_distribution():
+    # one uniform per row from its own generator, placed in the row's cumulative distribution
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05])
+    logits = probs.log()[None].repeat(4, 1)
+    params = SamplingParams(temperature=1.0, seed=7)
+    gens = make_generators(params, list(range(4)))
+    n = 5000
+    counts = torch.zeros(5)
+    for _ in range(n // 4):
+        counts += torch.bincount(sample(logits, params, gens), minlength=5)
+    freq = counts / counts.sum()
+    assert counts[1] == 0                                         # probability zero: never drawn
+    sigma = (probs * (1 - probs) / counts.sum()).sqrt()
+    assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), freq
