@@ -79,16 +79,21 @@ def _outside_nucleus(probs: torch.Tensor, top_p: float, live: int) -> torch.Tens
     already reach top_p (the most likely token is always kept). Only a row's ``live`` most
     likely tokens may have a probability above zero (a top-k cut before)."""
     top, order = probs.topk(min(live, NUCLEUS_CANDIDATES), dim=-1)   # sorted, most likely first
-    drop = (top.cumsum(-1) - top) >= top_p
-    drop[:, 0] = False
+    drop = _past_nucleus(top, top_p)
     outside = torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, drop)
     further = (~drop[:, -1]).nonzero()[:, 0] if top.shape[-1] < live else drop.new_empty(0, dtype=torch.long)
     if further.numel():   # the nucleus may extend past the candidates: sort those rows whole
         sorted_probs, full = torch.sort(probs[further], dim=-1, descending=True)
-        d = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        d[:, 0] = False
+        d = _past_nucleus(sorted_probs, top_p)
         outside[further] = torch.zeros_like(d).scatter(-1, full, d)
     return outside
+
+
+def _past_nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For probabilities sorted most likely first: True where those ranked above reach top_p."""
+    drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+    drop[:, 0] = False
+    return drop
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,
