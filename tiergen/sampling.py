@@ -59,34 +59,45 @@ def make_generators(params: SamplingParams, seq_indices: list[int]) -> list[torc
 
 
 # A row's nucleus nearly always lies among its most likely few hundred tokens: top-p first
-# looks there (a partial sort) and fully sorts only the rows whose nucleus reaches further.
+# looks there (a partial sort) and sorts whole rows only when some row's nucleus is wider.
 NUCLEUS_CANDIDATES = 1024
+
+
+def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's drawable tokens after the top-k and top-p cuts, for logits [B,V] fp32:
+    (probabilities [B,C], zero for the tokens cut, and their ids [B,C], most likely first),
+    or (softmax [B,V], None) with no cut. A token is cut by top-p when the tokens ranked
+    above it already reach top_p (the most likely token is always kept)."""
+    V = logits.shape[-1]
+    if (not top_k or top_k >= V) and top_p >= 1.0:
+        return logits.softmax(-1), None
+    if top_k and top_k < V:   # the candidates are exactly the top-k
+        vals, ids = logits.topk(top_k, dim=-1)
+        probs = vals.softmax(-1)
+    else:                     # top-p alone: the likeliest tokens, normalised over the whole row
+        vals, ids = logits.topk(min(V, NUCLEUS_CANDIDATES), dim=-1)
+        probs = (vals - logits.logsumexp(-1, keepdim=True)).exp()
+        wide = (~_past_nucleus(probs, top_p)[:, -1]).nonzero()[:, 0] if vals.shape[-1] < V else None
+        if wide is not None and wide.numel():   # nuclei wider than that: those rows sorted whole
+            pad = V - vals.shape[-1]            # (the other rows' extra columns: probability 0)
+            probs = torch.cat([probs, probs.new_zeros(probs.shape[0], pad)], -1)
+            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], pad)], -1)
+            probs[wide], ids[wide] = logits[wide].softmax(-1).sort(-1, descending=True)
+    if top_p < 1.0:
+        probs = probs.masked_fill(_past_nucleus(probs, top_p), 0.0)
+    return probs, ids
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set logits outside top-k and outside the top-p nucleus to -inf. logits [B,V] fp32."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        live = min(top_k, logits.shape[-1]) if top_k else logits.shape[-1]
-        logits = logits.masked_fill(_outside_nucleus(logits.softmax(-1), top_p, live), float("-inf"))
-    return logits
-
-
-def _outside_nucleus(probs: torch.Tensor, top_p: float, live: int) -> torch.Tensor:
-    """True where a token falls outside its row's top-p nucleus: the tokens ranked above it
-    already reach top_p (the most likely token is always kept). Only a row's ``live`` most
-    likely tokens may have a probability above zero (a top-k cut before)."""
-    top, order = probs.topk(min(live, NUCLEUS_CANDIDATES), dim=-1)   # sorted, most likely first
-    drop = _past_nucleus(top, top_p)
-    outside = torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, drop)
-    further = (~drop[:, -1]).nonzero()[:, 0] if top.shape[-1] < live else drop.new_empty(0, dtype=torch.long)
-    if further.numel():   # the nucleus may extend past the candidates: sort those rows whole
-        sorted_probs, full = torch.sort(probs[further], dim=-1, descending=True)
-        d = _past_nucleus(sorted_probs, top_p)
-        outside[further] = torch.zeros_like(d).scatter(-1, full, d)
-    return outside
+    probs, ids = candidates(logits, top_k, top_p)
+    if ids is None:
+        return logits
+    kept = probs > 0
+    cut = torch.ones_like(logits, dtype=torch.bool)
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(ids)
+    cut[rows[kept], ids[kept]] = False
+    return logits.masked_fill(cut, float("-inf"))
 
 
 def _past_nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -101,16 +112,16 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     """Next token per row of logits [B,V]; returns int64 [B] on the CPU.
 
     Each row draws one uniform number from its own generator and takes the token where it
-    falls in the row's cumulative distribution: all rows at once, where a multinomial draw
-    per row took 265 ms of a 256-row step over SmolLM2's 49k tokens."""
+    falls in the cumulative distribution of its candidates: all rows at once, where a
+    multinomial draw per row took 265 ms of a 256-row step over SmolLM2's 49k tokens."""
     logits = logits.float()
     if params.greedy:
         return logits.argmax(-1).cpu()
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     assert generators is not None and len(generators) == logits.shape[0]
-    cdf = logits.softmax(-1).cumsum_(-1)
+    probs, ids = candidates(logits / params.temperature, params.top_k, params.top_p)
+    cdf = probs.cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
-    # first token whose cumulative probability exceeds u of the row's total: never one of
-    # probability zero (its cumulative value equals the one before it)
-    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    return ids.clamp_(max=logits.shape[-1] - 1).cpu()
+    # the first candidate whose cumulative probability exceeds u of the row's total: never
+    # one of probability zero (its cumulative value equals the one before it)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (pick[:, 0] if ids is None else ids.gather(-1, pick)[:, 0]).cpu()
