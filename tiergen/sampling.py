@@ -88,18 +88,6 @@ def candidates(logits: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Te
     return probs, ids
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside top-k and outside the top-p nucleus to -inf. logits [B,V] fp32."""
-    probs, ids = candidates(logits, top_k, top_p)
-    if ids is None:
-        return logits
-    kept = probs > 0
-    cut = torch.ones_like(logits, dtype=torch.bool)
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(ids)
-    cut[rows[kept], ids[kept]] = False
-    return logits.masked_fill(cut, float("-inf"))
-
-
 def _past_nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """For probabilities sorted most likely first: True where those ranked above reach top_p."""
     drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p

@@ -102,9 +102,8 @@ inline void block(const Features& f, const IdBlock& w, int64_t r0, float* c) {
   _tile_stored(7, c + 16 * 32 + 16, 128);
 }
 
-// Runs fn(begin, id0, r0, c) over every 32 x 32 block, the vocabulary split between the
-// threads (each reads its share of the weight once per chunk of rows); ``begin`` names the
-// calling thread's share.
+// Runs fn(id0, r0, c) over every 32 x 32 block, the vocabulary split between the threads
+// (each reads its share of the weight once per chunk of rows).
 template <typename Fn>
 void for_blocks(const Features& f, const torch::Tensor& w, Fn&& fn) {
   const int64_t V = w.size(0), K = w.size(1), rs = w.stride(0);
@@ -117,7 +116,7 @@ void for_blocks(const Features& f, const torch::Tensor& w, Fn&& fn) {
         const IdBlock ids(wp, V, K, rs, 32 * v32);
         for (int64_t r0 = rc; r0 < std::min(f.NP, rc + kRowChunk); r0 += 32) {
           block(f, ids, r0, c);
-          fn(begin, 32 * v32, r0, (const float*)c);
+          fn(32 * v32, r0, (const float*)c);
         }
       }
   });
@@ -143,7 +142,7 @@ torch::Tensor logits(const torch::Tensor& h, const torch::Tensor& w) {
   const Features f(h);
   float* op = out.data_ptr<float>();
   const int64_t N = f.N, V = w.size(0);
-  for_blocks(f, w, [&](int64_t, int64_t id0, int64_t r0, const float* c) {
+  for_blocks(f, w, [&](int64_t id0, int64_t r0, const float* c) {
     for (int64_t ih = 0; ih < 2 && id0 + 16 * ih < V; ++ih)
       for (int64_t rh = 0; rh < 2 && r0 + 16 * rh < N; ++rh) {   // c's 16 ids x 16 rows, transposed
         __m512i t[16];
@@ -174,7 +173,7 @@ torch::Tensor argmax(const torch::Tensor& h, const torch::Tensor& w) {
     std::vector<int32_t> id;
   };
   std::vector<Best> shares(std::max<int64_t>(1, at::get_num_threads()));
-  for_blocks(f, w, [&](int64_t, int64_t id0, int64_t r0, const float* c) {
+  for_blocks(f, w, [&](int64_t id0, int64_t r0, const float* c) {
     Best& b = shares[at::get_thread_num()];
     if (b.val.empty()) b.val.assign(NP, kNegInf), b.id.assign(NP, 0);
     const int64_t n = std::min<int64_t>(32, V - id0);
