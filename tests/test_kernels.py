@@ -285,4 +285,4 @@ def test_llm_builds_its_kernels_before_generating(monkeypatch):
     assert loaded == ["decode_attention_f32"]
     loaded.clear()
     LLM("smollm2-135m", dtype="bfloat16")
-    assert sorted(set(loaded)) == ["decode_attention", "lm_head", "prefill_attention", "rowwise"]
+    assert sorted(set(loaded)) == ["decode_attention", "linear", "lm_head", "prefill_attention", "rowwise"]

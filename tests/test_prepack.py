@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tiergen import LLM, Policy, SamplingParams
-from tiergen.weights import prepack
+from tiergen.weights import prepack, tiles
 from tiergen.weights.tiered import amx_head_serves
 
 DTYPES = ["bfloat16", "float32"]
@@ -20,6 +20,18 @@ PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
 def run(llm: LLM) -> tuple[list[list[int]], list[float]]:
     out = llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
     return [o.token_ids for o in out], [s.logprob for s in llm.score(token_ids=PROMPTS)]
+
+
+def packed_for_its_kernel(t, dtype: str) -> bool:
+    """A resident CPU layer matrix is kept as AMX tiles where the tile kernel serves its dtype,
+    else in oneDNN's layout."""
+    if tiles.serves(getattr(torch, dtype)):
+        return isinstance(t, tiles.TilePacked)
+    return isinstance(t, torch.Tensor) and t.is_mkldnn
+
+
+def is_plain(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_mkldnn
 
 
 def assert_head_kept_for_its_kernel(llm):
@@ -40,18 +52,19 @@ def test_packed_weights_match_plain_bit_for_bit(name, dtype, hf_model_dirs, monk
     packed = LLM(path, dtype=dtype, batch_size=4)
     layer = packed.weights.homes[0]
     mats = [k for k, h in layer.items() if len(h.shape) == 2]
-    assert mats and all(layer[k].tensor.is_mkldnn for k in mats)
-    assert not any(h.tensor.is_mkldnn for h in packed.weights.homes["embed"].values())
+    assert mats and all(packed_for_its_kernel(layer[k].tensor, dtype) for k in mats)
+    assert all(is_plain(h.tensor) for h in packed.weights.homes["embed"].values())
     assert_head_kept_for_its_kernel(packed)
     got = run(packed)
     monkeypatch.setattr(prepack, "packable", lambda t: False)
+    monkeypatch.setattr(tiles, "serves", lambda dtype: False)
     plain = LLM(path, dtype=dtype, batch_size=4)
-    assert not plain.weights.homes[0][mats[0]].tensor.is_mkldnn
+    assert is_plain(plain.weights.homes[0][mats[0]].tensor)
     assert run(plain) == got
     monkeypatch.undo()
     # without a GPU, host-homed weights are computed with in place: packed too
     host = LLM(path, dtype=dtype, policy=Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=4))
-    assert host.weights.homes[0][mats[0]].tier == "cpu" and host.weights.homes[0][mats[0]].tensor.is_mkldnn
+    assert host.weights.homes[0][mats[0]].tier == "cpu" and packed_for_its_kernel(host.weights.homes[0][mats[0]].tensor, dtype)
     assert run(host) == got
     # disk-homed weights stream into plain buffers each block; they must agree as well
     disk = LLM(path, dtype=dtype, policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
@@ -132,12 +145,20 @@ def test_narrower_stored_weights_are_not_packed(hf_model_dirs):
     assert any(h.dtype == torch.bfloat16 for h in homes) and not any(h.tensor.is_mkldnn for h in homes)
 
 
+@pytest.mark.parametrize("packing", ["onednn", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act", sorted(prepack.FUSED_ACTIVATIONS))
-def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act, dtype):
+def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act, dtype, packing, monkeypatch):
     from tiergen.models.base import ACTIVATIONS, linear, linear_act, linear_add, linear_gated
-    if not prepack.epilogues_available(dtype):
-        pytest.skip(f"this torch build has no oneDNN post-ops for {dtype} products")
+    if packing == "tiles":
+        if not tiles.serves(dtype):
+            pytest.skip(f"no AMX tile kernel for {dtype} products here")
+        pack = tiles.TilePacked
+    else:
+        if not prepack.epilogues_available(dtype):
+            pytest.skip(f"this torch build has no oneDNN post-ops for {dtype} products")
+        monkeypatch.setattr(tiles, "kernel_for", lambda x, w: None)   # oneDNN for plain weights too
+        pack = prepack.pack
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 64, generator=g).to(dtype)
     w = (torch.randn(96, 64, generator=g) * 0.1).to(dtype)
@@ -148,8 +169,11 @@ def test_fused_epilogues_match_eager_and_plain_weights_match_packed(act, dtype):
              "gated": ACTIVATIONS[act](torch.nn.functional.linear(x, w[:48], b[:48]))
              * torch.nn.functional.linear(x, w[48:], b[48:]),
              "add": other + torch.nn.functional.linear(x, w, b), "linear": torch.nn.functional.linear(x, w, b)}
-    for weight in (w, prepack.pack(w)):
-        assert prepack.fuses(x, weight)
+    for weight in (w, pack(w)):
+        if packing == "onednn":
+            assert prepack.fuses(x, weight)
+        else:
+            assert tiles.kernel_for(x, weight) is not None
         got = {"act": linear_act(x, weight, b, act), "gated": linear_gated(x, weight, b, act),
                "add": linear_add(x, weight, b, other), "linear": linear(x, weight, b)}
         for k in got:

@@ -20,9 +20,10 @@ SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
            "rowwise": Path(__file__).with_name("rowwise.cpp"),
            "decode_attention_f32": Path(__file__).with_name("decode_attention_f32.cpp"),
            "prefill_attention": Path(__file__).with_name("prefill_attention.cpp"),
-           "lm_head": Path(__file__).with_name("lm_head.cpp")}
+           "lm_head": Path(__file__).with_name("lm_head.cpp"),
+           "linear": Path(__file__).with_name("linear.cpp")}
 # the kernels each compute dtype calls (the float32 ones need only AVX2 and FMA)
-BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "lm_head"), torch.float32: ("decode_attention_f32",)}
+BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "lm_head", "linear"), torch.float32: ("decode_attention_f32",)}
 # -march=native: the kernel is built on and for the machine that runs it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 

@@ -49,6 +49,11 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// silu(x) = x / (1 + e^-x), as every kernel here computes it
+inline __m512 silu512(__m512 x) {
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
 // rows r[0..15] of 16 dwords each, transposed in place: r[c][i] becomes r[i][c]
 inline void transpose16(__m512i* r) {
   __m512i t[16], u[16];

@@ -12,7 +12,7 @@
 #if TIERGEN_HAVE_KERNEL
 namespace {
 
-using tiergen::exp512;
+using tiergen::silu512;
 using tiergen::load_bf16;
 using tiergen::store_bf16;
 using tiergen::tail;
@@ -111,15 +111,13 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 #if TIERGEN_HAVE_KERNEL
   const uint16_t* gp = (const uint16_t*)gu.data_ptr();
   uint16_t* op = (uint16_t*)out.data_ptr();
-  const __m512 one = _mm512_set1_ps(1.f);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint16_t* g = gp + r * gs;
       for (int64_t c = 0; c < F; c += 16) {
         const __mmask16 m = tail(F - c);
         const __m512 x = load_bf16(g + c, m);
-        const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-        store_bf16(op + r * F + c, _mm512_mul_ps(s, load_bf16(g + F + c, m)), m);
+        store_bf16(op + r * F + c, _mm512_mul_ps(silu512(x), load_bf16(g + F + c, m)), m);
       }
     }
   });

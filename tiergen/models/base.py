@@ -14,7 +14,7 @@ import torch
 
 from .. import kernels
 from ..config import ModelConfig
-from ..weights import prepack
+from ..weights import prepack, tiles
 from ..weights.fusion import Fusion, fuse_shapes
 
 Weights = dict[str, torch.Tensor]
@@ -88,7 +88,11 @@ class Family:
                 for g, s in self.checkpoint_shapes().items()}
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: Any, b: torch.Tensor | None = None) -> torch.Tensor:
+    fast = tiles.kernel_for(x, w)
+    if fast is not None:   # decode-sized bfloat16 products on AMX (weights/tiles.py)
+        return tiles.product(fast, x, w, b)
+    w = tiles.for_onednn(w)
     # a resident CPU weight packed at load, or a plain one at a dtype oneDNN packs: the same
     # oneDNN call for both, so streamed and resident layers agree (weights/prepack.py)
     if w.is_mkldnn or prepack.fuses(x, w):
@@ -96,18 +100,25 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return torch.nn.functional.linear(x, w, b)
 
 
-def linear_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
-    """act(linear(x, w, b)); on the CPU's oneDNN path the activation is the product's epilogue."""
+def linear_act(x: torch.Tensor, w: Any, b: torch.Tensor | None, act: str) -> torch.Tensor:
+    """act(linear(x, w, b)); on the CPU the activation is applied before the product is rounded."""
+    fast = tiles.kernel_for(x, w)
+    if fast is not None:
+        return ACTIVATIONS[act](tiles.product(fast, x, w, b, out_float=True)).to(x.dtype)
+    w = tiles.for_onednn(w)
     if act in prepack.FUSED_ACTIVATIONS and prepack.fuses(x, w):
         return prepack.linear_act(x, w, b, act)
     return ACTIVATIONS[act](linear(x, w, b))
 
 
-def linear_gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
+def linear_gated(x: torch.Tensor, w: Any, b: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(g) * u for (g | u) = linear(x, w, b): a gated MLP's gate and up products as one,
     over their stacked matrix (weights/fusion.py); one wide product runs faster than two
-    narrow ones. At half precision act(g) * u is computed in float32 and rounded once, a
-    rounding fewer than the reference's (BENCHMARKS.md §6, 2026-12-03)."""
+    narrow ones. At half precision act(g) * u is computed in float32 and rounded once; on the
+    AMX tile kernel g and u are not rounded at all before it (BENCHMARKS.md §6)."""
+    fast = tiles.kernel_for(x, w)
+    if fast is not None and act == "silu" and tiles.gated_fits(w):
+        return tiles.product(fast, x, w, b, gated=True)
     gu = linear(x, w, b)
     fast = kernels.for_bf16("rowwise", gu) if act == "silu" and gu.dim() == 2 else None
     if fast is not None:   # activation and product in one pass (tiergen/kernels/rowwise.cpp)
@@ -118,8 +129,12 @@ def linear_gated(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: 
     return ACTIVATIONS[act](g.float()).mul_(u.float()).to(gu.dtype)
 
 
-def linear_add(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
-    """other + linear(x, w, b) (a residual), fused into the product where oneDNN runs it."""
+def linear_add(x: torch.Tensor, w: Any, b: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """other + linear(x, w, b) (a residual), fused into the product where oneDNN or the tile kernel runs it."""
+    fast = tiles.kernel_for(x, w)
+    if fast is not None and other.dtype == x.dtype:
+        return tiles.product(fast, x, w, b, other=other)
+    w = tiles.for_onednn(w)
     if prepack.fuses(x, w):
         return prepack.linear_binary(x, other, w, b, "add")
     return other + linear(x, w, b)

@@ -32,7 +32,7 @@ from ..models.base import HEAD_SLICE_ROWS, Model, Weights
 from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_blob, quantize, to_blob
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
-from . import prepack
+from . import prepack, tiles
 from .fusion import fuse_tensors
 from .source import ModelSource
 
@@ -254,20 +254,26 @@ class TieredWeights:
             return
         if h.tier == "gpu":
             self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {g}")
-            h.tensor = self._maybe_pack(g, h, t.to(self.device))
+            h.tensor = self._maybe_pack(g, key, h, t.to(self.device))
         elif h.tier == "cpu":
             self.tiers.cpu.alloc(h.nbytes, f"weight {key} of {g}")
-            h.tensor = t.pin_memory() if pin and self.mover.cuda else self._maybe_pack(g, h, t)
+            h.tensor = t.pin_memory() if pin and self.mover.cuda else self._maybe_pack(g, key, h, t)
         else:
             self.files[(g, key) if (g, key) in GATHERED else g].write_from(h.offset, t.view(-1).view(torch.uint8))
             self.tiers.links.add("cpu->disk", t.nbytes)
 
-    def _maybe_pack(self, g: str | int, h: Home, t: torch.Tensor) -> torch.Tensor:
-        """A layer matrix the CPU computes with in place, at the compute dtype, is packed once."""
-        if (isinstance(g, int) and h.quant is None and h.dtype == self.dtype and self.device.type == "cpu"
-                and prepack.packable(t)):
-            return prepack.pack(t)
-        return t
+    def _maybe_pack(self, g: str | int, key: str, h: Home, t: torch.Tensor) -> Any:
+        """A layer matrix the CPU computes with in place, at the compute dtype, is packed once:
+        as AMX tiles where the tile kernel serves (weights/tiles.py), else for oneDNN."""
+        if not (isinstance(g, int) and h.quant is None and h.dtype == self.dtype and self.device.type == "cpu"
+                and t.dim() == 2):
+            return t
+        if tiles.serves(t.dtype):
+            packed = tiles.TilePacked(t)
+            if packed.nbytes > h.nbytes:   # tiles pad rows to 32 and columns to 32
+                self.tiers[h.tier].alloc(packed.nbytes - h.nbytes, f"tile padding of weight {key} of {g}")
+            return packed
+        return prepack.pack(t) if prepack.packable(t) else t
 
     # ------------------------------------------------------------- streaming
     def acquire(self, g: str | int) -> None:

@@ -1,0 +1,272 @@
+// A layer's product y = x w^T on x86 CPUs with AMX, for decode-sized batches: bfloat16 in,
+// float32 sums, and an epilogue (a bias, a residual, or silu(g) * u of a gated pair) applied
+// before the one rounding.
+//
+// The weight [N, K] is kept in AMX's right-operand layout: block (nb, kb) is one 1 KiB tile
+// whose row r holds, for the 16 output columns 16 nb .. 16 nb + 15, the input pair
+// (32 kb + 2r, 32 kb + 2r + 1); an n block's tiles follow each other over kb. A resident weight
+// is packed so once at load; a plain one (streamed) is packed the same way each call, so every
+// placement computes the same bits.
+//
+// Each step is 2 x 2 tiles, 32 rows x 32 columns over 32 input dims. The threads split the
+// column pairs; a column pair's weight tiles (36 KiB at K = 576) are read from L1 for every
+// 32 rows of x, whose tiles are loaded with the streaming hint so they do not evict them
+// (SmolLM2's decode shapes at 256 rows: 1.6x the rate of plain tile loads). The next column
+// pair's tiles are prefetched into L2 meanwhile. A row's sums run over the same tiles in the
+// same order whatever the batch, so its result does not depend on the other rows.
+#include "amx.h"
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+namespace {
+
+#if TIERGEN_HAVE_AMX
+using tiergen::load_bf16;
+using tiergen::store_bf16;
+using tiergen::tail;
+
+constexpr int64_t kTile = 512;   // bfloat16 words in a 16 x 32 tile
+
+inline __mmask32 words(int64_t n) { return n >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << n) - 1); }
+
+// Rows w[0 .. n), n <= 16, of row stride rs as the KB right-operand tiles of one n block.
+// Tile row r = dword r of each weight row: a 16 x 16 dword transpose per tile.
+void pack_block(const uint16_t* w, int64_t rs, int64_t n, int64_t K, int64_t KB, uint16_t* dst) {
+  for (int64_t kb = 0; kb < KB; ++kb, dst += kTile) {
+    const __mmask32 m = words(K - 32 * kb);
+    __m512i r[16];
+    for (int64_t i = 0; i < 16; ++i)
+      r[i] = i < n ? _mm512_maskz_loadu_epi16(m, w + i * rs + 32 * kb) : _mm512_setzero_si512();
+    tiergen::transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + 32 * i, r[i]);
+  }
+}
+
+// The inverse: one n block's tiles back into rows w[0 .. n).
+void unpack_block(const uint16_t* src, int64_t n, int64_t K, int64_t KB, uint16_t* w, int64_t rs) {
+  for (int64_t kb = 0; kb < KB; ++kb, src += kTile) {
+    const __mmask32 m = words(K - 32 * kb);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + 32 * i);
+    tiergen::transpose16(r);
+    for (int64_t i = 0; i < n; ++i) _mm512_mask_storeu_epi16(w + i * rs + 32 * kb, m, r[i]);
+  }
+}
+
+// w [N, K] into blocks [NB, KB, 16, 32]; zeros past N or K.
+void pack_into(const torch::Tensor& w, uint16_t* dst, int64_t NB, int64_t KB) {
+  const int64_t N = w.size(0), K = w.size(1), rs = w.stride(0);
+  const uint16_t* wp = (const uint16_t*)w.data_ptr();
+  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb)
+      pack_block(wp + std::min(16 * nb, N) * rs, rs, std::clamp<int64_t>(N - 16 * nb, 0, 16), K, KB,
+                 dst + nb * KB * kTile);
+  });
+}
+
+struct Product {
+  const uint16_t *x, *tail_rows, *b, *bias, *other;
+  void* out;
+  int64_t M, N, KB, MP, NP, FB, xs, ts, os;   // FB > 0: gated, F = 16 FB gate columns, then as many up
+  bool out_float;
+
+  // the two n blocks of column pair np
+  const uint16_t* b_block(int64_t np, int half) const {
+    return b + (FB ? np + half * FB : 2 * np + half) * KB * kTile;
+  }
+
+  // c [32 x 32] = rows 32 mp .. +31 x the columns of pair np. Meanwhile the next pair's two n
+  // blocks (``next``, ``lines`` cache lines each; null: none) go into L2, ``per_step`` lines a
+  // k step from line ``pl`` on.
+  void tiles(int64_t mp, int64_t np, float* c, const char* const* next, int64_t& pl, int64_t lines,
+             int64_t per_step) const {
+    const bool full = tail_rows == nullptr || 32 * mp + 32 <= M;
+    const int64_t rs = full ? xs : ts;
+    const uint16_t* a0 = full ? x + 32 * mp * xs : tail_rows;
+    const uint16_t* a1 = a0 + 16 * rs;
+    const uint16_t* b0 = b_block(np, 0);
+    const uint16_t* b1 = b_block(np, 1);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    const bool two = 32 * mp + 16 < M;   // a second row tile (small batches: often not)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      if (next != nullptr)
+        for (const int64_t stop = std::min(2 * lines, pl + per_step); pl < stop; ++pl)
+          _mm_prefetch(pl < lines ? next[0] + pl * 64 : next[1] + (pl - lines) * 64, _MM_HINT_T1);
+      _tile_stream_loadd(0, a0 + 32 * kb, rs * 2);
+      _tile_loadd(2, b0 + kb * kTile, 64);
+      _tile_loadd(3, b1 + kb * kTile, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 0, 3);
+      if (two) {
+        _tile_stream_loadd(1, a1 + 32 * kb, rs * 2);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+    }
+    _tile_stored(4, c, 128);
+    _tile_stored(5, c + 16, 128);
+    if (two) {
+      _tile_stored(6, c + 16 * 32, 128);
+      _tile_stored(7, c + 16 * 32 + 16, 128);
+    }
+  }
+
+  void store(int64_t row, int64_t col, __m512 v, __mmask16 m) const {
+    if (out_float)
+      _mm512_mask_storeu_ps((float*)out + row * os + col, m, v);
+    else
+      store_bf16((uint16_t*)out + row * os + col, v, m);
+  }
+
+  // c's rows that exist, through the epilogue into out
+  void finish(int64_t mp, int64_t np, const float* c) const {
+    const int64_t rows = std::min<int64_t>(32, M - 32 * mp);
+    if (FB) {   // gate columns 16 np.., up columns F + 16 np..; out column 16 np..
+      const int64_t col = 16 * np, F = 16 * FB;
+      const __m512 bg = bias ? load_bf16(bias + col) : _mm512_setzero_ps();
+      const __m512 bu = bias ? load_bf16(bias + F + col) : _mm512_setzero_ps();
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 g = _mm512_add_ps(_mm512_loadu_ps(c + 32 * r), bg);
+        const __m512 u = _mm512_add_ps(_mm512_loadu_ps(c + 32 * r + 16), bu);
+        store(32 * mp + r, col, _mm512_mul_ps(tiergen::silu512(g), u), 0xffff);
+      }
+      return;
+    }
+    const int64_t col = 32 * np;
+    const __mmask16 m0 = tail(N - col), m1 = N - col > 16 ? tail(N - col - 16) : 0;
+    const __m512 b0 = bias ? load_bf16(bias + col, m0) : _mm512_setzero_ps();
+    const __m512 b1 = bias && m1 ? load_bf16(bias + col + 16, m1) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = 32 * mp + r;
+      __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(c + 32 * r), b0);
+      __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(c + 32 * r + 16), b1);
+      if (other) {
+        v0 = _mm512_add_ps(v0, load_bf16(other + row * N + col, m0));
+        if (m1) v1 = _mm512_add_ps(v1, load_bf16(other + row * N + col + 16, m1));
+      }
+      store(row, col, v0, m0);
+      if (m1) store(row, col + 16, v1, m1);
+    }
+  }
+
+  void run(int64_t begin, int64_t end) const {
+    const tiergen::TileScope scope;
+    alignas(64) float c[32 * 32];
+    const int64_t lines = KB * 16, per_step = (2 * lines + MP * KB - 1) / (MP * KB);
+    for (int64_t np = begin; np < end; ++np) {
+      const char* next[2] = {nullptr, nullptr};
+      if (np + 1 < end) next[0] = (const char*)b_block(np + 1, 0), next[1] = (const char*)b_block(np + 1, 1);
+      int64_t pl = 0;
+      for (int64_t mp = 0; mp < MP; ++mp) {
+        tiles(mp, np, c, next[0] ? next : nullptr, pl, lines, per_step);
+        finish(mp, np, c);
+      }
+    }
+  }
+};
+#endif
+
+int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
+
+void check_weight(const torch::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.stride(1) == 1 && w.size(0) > 0 && w.size(1) > 0,
+              "linear: a bfloat16 weight [N, K] with unit last stride expected");
+}
+
+}  // namespace
+
+// w [N, K] bfloat16 (unit last stride) as tile blocks [NB, KB, 16, 32], NB = 2 ceil(N / 32),
+// KB = ceil(K / 32): the form ``linear`` reads without packing it again.
+torch::Tensor pack(const torch::Tensor& w) {
+  check_weight(w);
+  auto out = torch::empty({2 * blocks_of(w.size(0), 32), blocks_of(w.size(1), 32), 16, 32}, w.options());
+#if TIERGEN_HAVE_AMX
+  pack_into(w, (uint16_t*)out.data_ptr(), out.size(0), out.size(1));
+#else
+  TORCH_CHECK(false, "linear: built without AMX");
+#endif
+  return out;
+}
+
+// The plain weight [n, k] that ``pack`` made ``blocks`` of, written into ``w``.
+void unpack(const torch::Tensor& blocks, torch::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous() && w.numel() > 0 &&
+              blocks.scalar_type() == at::kBFloat16 && blocks.is_contiguous() && blocks.dim() == 4 &&
+              blocks.size(0) == 2 * blocks_of(w.size(0), 32) && blocks.size(1) == blocks_of(w.size(1), 32) &&
+              blocks.size(2) == 16 && blocks.size(3) == 32, "linear: packed blocks of a contiguous [n, k] weight expected");
+#if TIERGEN_HAVE_AMX
+  const int64_t n = w.size(0), k = w.size(1), KB = blocks.size(1);
+  const uint16_t* src = (const uint16_t*)blocks.data_ptr();
+  uint16_t* wp = (uint16_t*)w.data_ptr();
+  at::parallel_for(0, blocks_of(n, 16), 4, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb)
+      unpack_block(src + nb * KB * kTile, std::min<int64_t>(16, n - 16 * nb), k, KB, wp + 16 * nb * k, k);
+  });
+#else
+  TORCH_CHECK(false, "linear: built without AMX");
+#endif
+}
+
+// x [M, K] times w^T, w [n, K] plain or packed (``pack``). gated: w = (g | u) with n = 2F, F a
+// multiple of 16, and the result silu(g) * u [M, F]; otherwise x w^T + bias (+ other [M, n]).
+// float32 out where out_float, else bfloat16.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
+                     const std::optional<torch::Tensor>& other, bool gated, bool out_float) {
+  TORCH_CHECK(tiergen::amx_ready(), "linear: AMX is not available to this process");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0,
+              "linear: bfloat16 x [M, K] with unit last stride expected");
+  const int64_t M = x.size(0), K = x.size(1), KB = blocks_of(K, 32), N = n, NB = 2 * blocks_of(N, 32);
+  const bool packed = w.dim() == 4;
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && N > 0 &&
+              (packed ? w.is_contiguous() && w.size(0) == NB && w.size(1) == KB && w.size(2) == 16 && w.size(3) == 32
+                      : w.dim() == 2 && w.stride(1) == 1 && w.size(0) == N && w.size(1) == K),
+              "linear: a bfloat16 weight [n, K], or its packed blocks, matching x expected");
+  TORCH_CHECK(!gated || (N % 32 == 0 && !other), "linear: a gated product needs n = 2F, F a multiple of 16, and no residual");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N),
+              "linear: a bfloat16 bias [n] expected");
+  TORCH_CHECK(!other || (other->scalar_type() == at::kBFloat16 && other->is_contiguous() && other->dim() == 2 &&
+                         other->size(0) == M && other->size(1) == N),
+              "linear: a contiguous bfloat16 residual [M, n] expected");
+  const int64_t cols = gated ? N / 2 : N;
+  auto out = torch::empty({M, cols}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
+#if TIERGEN_HAVE_AMX
+  if (M == 0) return out;
+  const torch::Tensor blocks = packed ? w : torch::empty({NB, KB, 16, 32}, w.options());
+  if (!packed) pack_into(w, (uint16_t*)blocks.data_ptr(), NB, KB);
+  // rows past M (the last rows' tiles) and dims past K come from a zero-padded copy
+  const uint16_t* xp = (const uint16_t*)x.data_ptr();
+  int64_t xs = x.stride(0);
+  std::vector<uint16_t> padded, last;
+  const int64_t KP = 32 * KB, MP = blocks_of(M, 32);
+  if (K % 32) {
+    padded.assign(32 * MP * KP, 0);
+    for (int64_t m = 0; m < M; ++m) std::copy_n(xp + m * xs, K, padded.data() + m * KP);
+    xp = padded.data(), xs = KP;
+  } else if (M % 32) {
+    last.assign(32 * KP, 0);
+    for (int64_t m = 32 * (MP - 1); m < M; ++m) std::copy_n(xp + m * xs, K, last.data() + (m - 32 * (MP - 1)) * KP);
+  }
+  const Product p{xp, last.empty() ? nullptr : last.data(), (const uint16_t*)blocks.data_ptr(),
+                  bias ? (const uint16_t*)bias->data_ptr() : nullptr, other ? (const uint16_t*)other->data_ptr() : nullptr,
+                  out.data_ptr(), M, N, KB, MP, gated ? N / 32 : NB / 2, gated ? N / 32 : 0, xs, KP, cols, out_float};
+  at::parallel_for(0, p.NP, 1, [&](int64_t begin, int64_t end) { p.run(begin, end); });
+#else
+  TORCH_CHECK(false, "linear: built without AMX");
+#endif
+  return out;
+}
+
+// The kernels touch no Python object, so other Python threads run meanwhile.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available", &tiergen::amx_ready, "whether this build and this process can use the kernel (AMX BF16)");
+  m.def("pack", &pack, "a bfloat16 weight in the kernel's tile layout", py::call_guard<py::gil_scoped_release>());
+  m.def("unpack", &unpack, "the plain weight of packed tiles, into a given tensor", py::call_guard<py::gil_scoped_release>());
+  m.def("linear", &linear, "x w^T with a fused epilogue, on AMX", py::arg("x"), py::arg("w"), py::arg("n"),
+        py::arg("bias") = py::none(), py::arg("other") = py::none(), py::arg("gated") = false,
+        py::arg("out_float") = false, py::call_guard<py::gil_scoped_release>());
+}
