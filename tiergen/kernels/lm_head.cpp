@@ -88,11 +88,11 @@ inline void block(const Features& f, const IdBlock& w, int64_t r0, float* c) {
     const uint16_t* a0 = w.at(0, kb, s0);
     const uint16_t* a1 = w.at(1, kb, s1);
     _tile_loadd(0, a0, s0);
-    _tile_loadd(2, f.block(r0 / 16, kb), 64);
+    _tile_stream_loadd(2, f.block(r0 / 16, kb), 64);
     _tile_dpbf16ps(4, 0, 2);
     _tile_loadd(1, a1, s1);
     _tile_dpbf16ps(6, 1, 2);
-    _tile_loadd(3, f.block(r0 / 16 + 1, kb), 64);
+    _tile_stream_loadd(3, f.block(r0 / 16 + 1, kb), 64);
     _tile_dpbf16ps(5, 0, 3);
     _tile_dpbf16ps(7, 1, 3);
   }
