@@ -29,6 +29,7 @@ CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
 _lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}
+_UNBUILT = object()
 
 
 def cache_dir() -> Path:
@@ -44,6 +45,9 @@ def load(name: str) -> ModuleType | None:
     """The built kernel module ``name``, or None where it cannot be built or used here."""
     if not enabled():
         return None
+    mod = _built.get(name, _UNBUILT)   # called for every op: the lock only for a first build
+    if mod is not _UNBUILT:
+        return mod
     with _lock:
         if name not in _built:
             _built[name] = _build(name)
@@ -95,7 +99,7 @@ def _build(name: str) -> ModuleType | None:
 def for_dtype(dtype: torch.dtype, name: str, *tensors: torch.Tensor) -> ModuleType | None:
     """Kernel module ``name`` where it applies to ``tensors``: CPU tensors of ``dtype`` whose
     last dimension is contiguous, the layout every kernel here reads."""
-    if all(t.device.type == "cpu" and t.dtype == dtype and t.stride(-1) == 1 for t in tensors):
+    if all(t.is_cpu and t.dtype == dtype and t.stride(-1) == 1 for t in tensors):
         return load(name)
     return None
 
