@@ -107,3 +107,13 @@ def test_prompts_above_the_kernels_rows_agree_across_placements(name, hf_model_d
                offload_dir=str(tmp_path))
     assert disk.weights.homes[0]["w_qkv"].tier == "disk"
     assert [o.token_ids for o in disk.generate(prompt_token_ids=PROMPTS, params=PARAMS)] == got
+
+
+def test_a_gated_pair_off_the_column_blocks_is_rounded_then_gated_alike_for_every_placement():
+    from tiergen.models.base import linear_gated
+    x, w, b, _ = operands(20, 48, 64, seed=2)             # halves of 24 columns: not whole 16-column blocks
+    assert not tiles.gated_fits(w)
+    want = F.silu(F.linear(x.float(), w.float(), b.float())[:, :24]) * F.linear(x.float(), w.float(), b.float())[:, 24:]
+    got = linear_gated(x, tiles.TilePacked(w), b, "silu")
+    assert torch.equal(got, linear_gated(x, w, b, "silu"))
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6)
