@@ -29,25 +29,10 @@ using tiergen::tail;
 
 constexpr int64_t kTile = 512;   // bfloat16 words in a 16 x 32 tile
 
-inline __mmask32 words(int64_t n) { return n >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << n) - 1); }
-
-// Rows w[0 .. n), n <= 16, of row stride rs as the KB right-operand tiles of one n block.
-// Tile row r = dword r of each weight row: a 16 x 16 dword transpose per tile.
-void pack_block(const uint16_t* w, int64_t rs, int64_t n, int64_t K, int64_t KB, uint16_t* dst) {
-  for (int64_t kb = 0; kb < KB; ++kb, dst += kTile) {
-    const __mmask32 m = words(K - 32 * kb);
-    __m512i r[16];
-    for (int64_t i = 0; i < 16; ++i)
-      r[i] = i < n ? _mm512_maskz_loadu_epi16(m, w + i * rs + 32 * kb) : _mm512_setzero_si512();
-    tiergen::transpose16(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + 32 * i, r[i]);
-  }
-}
-
 // The inverse: one n block's tiles back into rows w[0 .. n).
 void unpack_block(const uint16_t* src, int64_t n, int64_t K, int64_t KB, uint16_t* w, int64_t rs) {
   for (int64_t kb = 0; kb < KB; ++kb, src += kTile) {
-    const __mmask32 m = words(K - 32 * kb);
+    const __mmask32 m = tiergen::first_words(K - 32 * kb);
     __m512i r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + 32 * i);
     tiergen::transpose16(r);
@@ -61,8 +46,8 @@ void pack_into(const torch::Tensor& w, uint16_t* dst, int64_t NB, int64_t KB) {
   const uint16_t* wp = (const uint16_t*)w.data_ptr();
   at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb)
-      pack_block(wp + std::min(16 * nb, N) * rs, rs, std::clamp<int64_t>(N - 16 * nb, 0, 16), K, KB,
-                 dst + nb * KB * kTile);
+      tiergen::pack_right_tiles(wp + std::min(16 * nb, N) * rs, rs, std::clamp<int64_t>(N - 16 * nb, 0, 16), K, KB,
+                                dst + nb * KB * kTile);
   });
 }
 
@@ -193,14 +178,14 @@ torch::Tensor pack(const torch::Tensor& w) {
   return out;
 }
 
-// The plain weight [n, k] that ``pack`` made ``blocks`` of, written into ``w``.
-void unpack(const torch::Tensor& blocks, torch::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous() && w.numel() > 0 &&
-              blocks.scalar_type() == at::kBFloat16 && blocks.is_contiguous() && blocks.dim() == 4 &&
-              blocks.size(0) == 2 * blocks_of(w.size(0), 32) && blocks.size(1) == blocks_of(w.size(1), 32) &&
-              blocks.size(2) == 16 && blocks.size(3) == 32, "linear: packed blocks of a contiguous [n, k] weight expected");
+// The plain weight [n, k] that ``pack`` made ``blocks`` of.
+torch::Tensor unpack(const torch::Tensor& blocks, int64_t n, int64_t k) {
+  TORCH_CHECK(blocks.scalar_type() == at::kBFloat16 && blocks.is_contiguous() && blocks.dim() == 4 && n > 0 && k > 0 &&
+              blocks.size(0) == 2 * blocks_of(n, 32) && blocks.size(1) == blocks_of(k, 32) && blocks.size(2) == 16 &&
+              blocks.size(3) == 32, "linear: packed blocks of an [n, k] weight expected");
+  auto w = torch::empty({n, k}, blocks.options());
 #if TIERGEN_HAVE_AMX
-  const int64_t n = w.size(0), k = w.size(1), KB = blocks.size(1);
+  const int64_t KB = blocks.size(1);
   const uint16_t* src = (const uint16_t*)blocks.data_ptr();
   uint16_t* wp = (uint16_t*)w.data_ptr();
   at::parallel_for(0, blocks_of(n, 16), 4, [&](int64_t begin, int64_t end) {
@@ -210,6 +195,7 @@ void unpack(const torch::Tensor& blocks, torch::Tensor& w) {
 #else
   TORCH_CHECK(false, "linear: built without AMX");
 #endif
+  return w;
 }
 
 // x [M, K] times w^T, w [n, K] plain or packed (``pack``). gated: w = (g | u) with n = 2F, F a
@@ -265,7 +251,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &tiergen::amx_ready, "whether this build and this process can use the kernel (AMX BF16)");
   m.def("pack", &pack, "a bfloat16 weight in the kernel's tile layout", py::call_guard<py::gil_scoped_release>());
-  m.def("unpack", &unpack, "the plain weight of packed tiles, into a given tensor", py::call_guard<py::gil_scoped_release>());
+  m.def("unpack", &unpack, "the plain weight of packed tiles", py::call_guard<py::gil_scoped_release>());
   m.def("linear", &linear, "x w^T with a fused epilogue, on AMX", py::arg("x"), py::arg("w"), py::arg("n"),
         py::arg("bias") = py::none(), py::arg("other") = py::none(), py::arg("gated") = false,
         py::arg("out_float") = false, py::call_guard<py::gil_scoped_release>());

@@ -32,12 +32,12 @@ struct Features {
   int64_t N, NP, KB;
   std::vector<uint16_t> x;
   explicit Features(const torch::Tensor& h)
-      : N(h.size(0)), NP((h.size(0) + 31) / 32 * 32), KB((h.size(1) + 31) / 32), x(NP * KB * 32, 0) {
+      : N(h.size(0)), NP((h.size(0) + 31) / 32 * 32), KB((h.size(1) + 31) / 32), x(NP * KB * 32) {
     const uint16_t* src = (const uint16_t*)h.data_ptr();
     const int64_t K = h.size(1), rs = h.stride(0);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k)
-        x[(((n / 16) * KB + k / 32) * 16 + (k % 32) / 2) * 32 + 2 * (n % 16) + k % 2] = src[n * rs + k];
+    for (int64_t nb = 0; nb < NP / 16; ++nb)
+      tiergen::pack_right_tiles(src + std::min(16 * nb, N) * rs, rs, std::clamp<int64_t>(N - 16 * nb, 0, 16), K, KB,
+                                x.data() + nb * KB * 512);
   }
   const uint16_t* block(int64_t nb, int64_t kb) const { return x.data() + (nb * KB + kb) * 512; }
 };

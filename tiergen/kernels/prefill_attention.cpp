@@ -22,7 +22,6 @@ using tiergen::amx_ready;
 using tiergen::exp512;
 using tiergen::store_bf16;
 using tiergen::tail;
-using tiergen::transpose16;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -57,14 +56,8 @@ struct Scratch {
 void pack_keys(const Args& a, const uint16_t* kb, Scratch& w) {
   const int64_t DB = a.D / 32;
   for (int64_t t0 = 0; t0 < w.SP16; t0 += 16)
-    for (int64_t db = 0; db < DB; ++db) {
-      __m512i r[16];
-      for (int n = 0; n < 16; ++n)
-        r[n] = t0 + n < a.S ? _mm512_loadu_si512(kb + (t0 + n) * a.kss + 32 * db) : _mm512_setzero_si512();
-      transpose16(r);
-      uint32_t* dst = w.kt.data() + ((t0 / 16) * DB + db) * 256;
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + 16 * i, r[i]);
-    }
+    tiergen::pack_right_tiles(kb + t0 * a.kss, a.kss, std::min<int64_t>(16, a.S - t0), a.D, DB,
+                              (uint16_t*)(w.kt.data() + (t0 / 16) * DB * 256));
 }
 
 // V in AMX's B layout: block (kp, dd) row r holds, for dims n = 0..15, the values of keys
