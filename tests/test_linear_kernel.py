@@ -8,8 +8,11 @@ from tiergen.weights import tiles
 
 pytestmark = pytest.mark.skipif(not tiles.serves(torch.bfloat16), reason="no AMX tile kernel on this CPU")
 
-# (rows, columns, input dims): tails past 16/32 rows, 16/32 columns and 32 dims, and SmolLM2's own
-SHAPES = [(1, 64, 33), (5, 17, 5), (16, 32, 64), (17, 100, 70), (33, 960, 576), (300, 576, 1536), (64, 3072, 576)]
+# (rows, columns, input dims): tails past 16/32 rows, 16/32 columns and 32 dims, SmolLM2's own,
+# and rows over several of the kernel's L2-sized row panels (the last one partial), split by
+# rows between the threads or (the last) by columns
+SHAPES = [(1, 64, 33), (5, 17, 5), (16, 32, 64), (17, 100, 70), (33, 960, 576), (300, 576, 1536), (64, 3072, 576),
+          (2100, 64, 576), (600, 64, 4096), (96, 96, 4096)]
 
 
 def kernel():
@@ -75,19 +78,15 @@ def test_the_kernel_refuses_what_it_cannot_compute():
         mod.linear(x, w, 48, None, other[:, :40])
 
 
-def test_decode_sized_products_take_the_kernel_and_large_ones_a_onednn_copy():
+def test_products_of_any_rows_take_the_kernel_and_only_wide_inputs_do_not():
     x, w, b, other = operands(40, 96, 64)
     t = tiles.TilePacked(w)
     assert tiles.kernel_for(x, t) is not None and tiles.kernel_for(x, w) is not None
-    big = torch.zeros(tiles.MAX_ROWS + 1, 64, dtype=torch.bfloat16)
-    assert tiles.kernel_for(big, t) is None and tiles.kernel_for(x.float(), w.float()) is None
-    copy = tiles.for_onednn(t)
-    assert tiles.for_onednn(t) is copy                       # a layer's row chunks share one copy
-    assert torch.equal(copy.to_dense() if copy.is_mkldnn else copy, w)
-    other_t = tiles.TilePacked(w.flip(0).contiguous())
-    replaced = tiles.for_onednn(other_t)                     # the next layer's matrix takes its place
-    assert torch.equal(replaced.to_dense() if replaced.is_mkldnn else replaced, w.flip(0))
-    assert tiles.for_onednn(w) is w
+    assert tiles.kernel_for(torch.zeros(5000, 64, dtype=torch.bfloat16), t) is not None
+    wide = torch.zeros(8, tiles.MAX_DIMS + 1, dtype=torch.bfloat16)
+    assert tiles.kernel_for(wide, wide) is None and not tiles.holds(wide) and tiles.holds(w)
+    assert tiles.kernel_for(x.float(), w.float()) is None and not tiles.holds(w.float())
+    assert torch.equal(tiles.plain(t), w) and tiles.plain(w) is w
 
 
 PROMPTS = [[1, 17, 33, 99, 12, 7, 8, 9, 120, 200, 31, 64], [5, 6], list(range(10, 31)), [3] * 9]
@@ -95,17 +94,20 @@ PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "opt"])
-def test_prompts_above_the_kernels_rows_agree_across_placements(name, hf_model_dirs, monkeypatch, tmp_path):
-    """With prompts past MAX_ROWS the prefill takes oneDNN copies of the tiles (resident) or the
-    streamed matrices as they are, and the decode the kernel: the tokens must still agree."""
+def test_layers_with_matrices_too_wide_for_tiles_agree_across_placements(name, hf_model_dirs, monkeypatch, tmp_path):
+    """With the tile limit under the MLP's width, a layer's down matrix (160 dims in) stays with
+    oneDNN while the rest are tiled; streamed matrices take the same kernels: same tokens."""
     _, path = hf_model_dirs(name)
-    monkeypatch.setattr(tiles, "MAX_ROWS", 8)
+    monkeypatch.setattr(tiles, "MAX_DIMS", 100)
     resident = LLM(path, dtype="bfloat16", batch_size=4)
-    assert isinstance(resident.weights.homes[0]["w_qkv"].tensor, tiles.TilePacked)
+    homes = resident.weights.homes[0]
+    down = "w_down" if "w_down" in homes else "fc2_w"
+    assert not isinstance(homes[down].tensor, tiles.TilePacked)
+    assert sum(isinstance(h.tensor, tiles.TilePacked) for h in homes.values()) >= 2
     got = [o.token_ids for o in resident.generate(prompt_token_ids=PROMPTS, params=PARAMS)]
     disk = LLM(path, dtype="bfloat16", policy=Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
                offload_dir=str(tmp_path))
-    assert disk.weights.homes[0]["w_qkv"].tier == "disk"
+    assert disk.weights.homes[0][down].tier == "disk"
     assert [o.token_ids for o in disk.generate(prompt_token_ids=PROMPTS, params=PARAMS)] == got
 
 

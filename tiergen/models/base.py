@@ -90,9 +90,9 @@ class Family:
 
 def linear(x: torch.Tensor, w: Any, b: torch.Tensor | None = None) -> torch.Tensor:
     fast = tiles.kernel_for(x, w)
-    if fast is not None:   # decode-sized bfloat16 products on AMX (weights/tiles.py)
+    if fast is not None:   # bfloat16 products on AMX (weights/tiles.py)
         return tiles.product(fast, x, w, b)
-    w = tiles.for_onednn(w)
+    w = tiles.plain(w)
     # a resident CPU weight packed at load, or a plain one at a dtype oneDNN packs: the same
     # oneDNN call for both, so streamed and resident layers agree (weights/prepack.py)
     if w.is_mkldnn or prepack.fuses(x, w):
@@ -105,7 +105,7 @@ def linear_act(x: torch.Tensor, w: Any, b: torch.Tensor | None, act: str) -> tor
     fast = tiles.kernel_for(x, w)
     if fast is not None:
         return ACTIVATIONS[act](tiles.product(fast, x, w, b, out_float=True)).to(x.dtype)
-    w = tiles.for_onednn(w)
+    w = tiles.plain(w)
     if act in prepack.FUSED_ACTIVATIONS and prepack.fuses(x, w):
         return prepack.linear_act(x, w, b, act)
     return ACTIVATIONS[act](linear(x, w, b))
@@ -134,7 +134,7 @@ def linear_add(x: torch.Tensor, w: Any, b: torch.Tensor | None, other: torch.Ten
     fast = tiles.kernel_for(x, w)
     if fast is not None and other.dtype == x.dtype:
         return tiles.product(fast, x, w, b, other=other)
-    w = tiles.for_onednn(w)
+    w = tiles.plain(w)
     if prepack.fuses(x, w):
         return prepack.linear_binary(x, other, w, b, "add")
     return other + linear(x, w, b)

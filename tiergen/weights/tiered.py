@@ -268,7 +268,7 @@ class TieredWeights:
         if not (isinstance(g, int) and h.quant is None and h.dtype == self.dtype and self.device.type == "cpu"
                 and t.dim() == 2):
             return t
-        if tiles.serves(t.dtype):
+        if tiles.holds(t):
             packed = tiles.TilePacked(t)
             if packed.nbytes > h.nbytes:   # tiles pad rows to 32 and columns to 32
                 self.tiers[h.tier].alloc(packed.nbytes - h.nbytes, f"tile padding of weight {key} of {g}")

@@ -1,32 +1,29 @@
 """Resident CPU layer weights in AMX's tile layout, for the AMX product kernel.
 
 On a CPU with AMX, a bfloat16 layer matrix the CPU computes with in place is kept
-as tiles (tiergen/kernels/linear.cpp). Products of up to ``MAX_ROWS`` rows -- every
-decode step, short prompts -- run on that kernel, whose epilogue adds the bias and
-the residual or takes a gated MLP's silu(g) * u before the one rounding: a SmolLM2
-layer's products at 256 rows take 0.80 ms against oneDNN's 1.11 (1.1-2x from 1 to
-1,024 rows; BENCHMARKS.md §6). Above that oneDNN's own blocking wins, so a long
-prompt's products get the matrix from the tiles in oneDNN's layout, made once per
-layer and forward and reused by its row chunks (~1 ms a SmolLM2 layer).
+as tiles (tiergen/kernels/linear.cpp), and its products run on that kernel at every
+row count: its epilogue adds the bias and the residual or takes a gated MLP's
+silu(g) * u before the one rounding, and it works through long prompts panel by
+panel. SmolLM2's layer products: 1.3-2x oneDNN's rate at decode sizes, 1.2x at a
+2,730-row prompt chunk, counting the SiLU pass oneDNN needs (BENCHMARKS.md §6).
 
-A plain weight (a streamed layer's) goes through the same kernel, tiled per call,
-and large products through the same oneDNN call: every placement computes the
-same bits.
+Matrices wider than ``MAX_DIMS`` input dims stay with oneDNN: a column pair's tiles
+then no longer fit the caches the kernel counts on.
+
+A plain weight (a streamed layer's) goes through the same kernel, tiled per call:
+every placement computes the same bits.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
 
 from .. import kernels
-from . import prepack
 
-# Rows up to which a product runs on the tile kernel: above, oneDNN's blocking of the rows
-# wins (a SmolLM2 layer's products: 1.12x at 1,024 rows, 0.67x at 1,536).
-MAX_ROWS = 1024
+# Input dims up to which a matrix is tiled: past them a column pair's tiles (256 KiB at 4,096)
+# spill from L2 (at 8,192: 0.6-0.65x oneDNN's rate; at 2,048-4,096: 0.9-1.2x).
+MAX_DIMS = 4096
 
 
 def serves(dtype: torch.dtype) -> bool:
@@ -51,38 +48,27 @@ class TilePacked:
         return kernels.load("linear").unpack(self.blocks, *self.shape)
 
 
-# Each thread's oneDNN copies of the tiled matrices its large products last used, one per
-# shape: a prompt's row chunks reuse a layer's copies and the next layer replaces them, so
-# at most one layer's matrices are held twice at a time.
-_copies = threading.local()
+def holds(t: torch.Tensor) -> bool:
+    """Whether the 2-D matrix ``t`` is kept as tiles here."""
+    return t.shape[1] <= MAX_DIMS and serves(t.dtype)
 
 
-def for_onednn(w: Any) -> Any:
-    """A weight in a form oneDNN's products take: a tiled one as a oneDNN-packed copy (plain
-    where oneDNN cannot pack), else as it is."""
-    if not isinstance(w, TilePacked):
-        return w
-    held = getattr(_copies, "by_shape", None)
-    if held is None:
-        held = _copies.by_shape = {}
-    owner, copy = held.get(tuple(w.shape), (None, None))
-    if owner is None or owner() is not w:   # a weak reference: a held copy keeps no model alive
-        plain = w.dense()
-        copy = prepack.pack(plain) if prepack.packable(plain) else plain
-        held[tuple(w.shape)] = (weakref.ref(w), copy)
-    return copy
+def plain(w: Any) -> Any:
+    """A weight as other products take it: a tiled one as its plain matrix (for inputs the
+    kernel does not take, which the engine does not make), else as it is."""
+    return w.dense() if isinstance(w, TilePacked) else w
 
 
 def kernel_for(x: torch.Tensor, w: Any) -> Any:
-    """The tile kernel where it computes x @ w.T: bfloat16 rows on a CPU, at most ``MAX_ROWS``
-    of them, against tiles or a plain bfloat16 CPU matrix; else None. (Called for every
-    product: ~1 us, the cheapest tests first.)"""
+    """The tile kernel where it computes x @ w.T: bfloat16 rows on a CPU of at most ``MAX_DIMS``
+    dims, against tiles or a plain bfloat16 CPU matrix; else None. (Called for every product:
+    ~1 us, the cheapest tests first.)"""
     if not (x.is_cpu and x.dtype == torch.bfloat16 and x.dim() >= 2 and x.stride(-1) == 1):
         return None
     if type(w) is not TilePacked and not (isinstance(w, torch.Tensor) and w.is_cpu and w.dtype == torch.bfloat16
                                           and w.dim() == 2 and w.stride(-1) == 1 and not w.is_mkldnn):
         return None
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+    if x.shape[-1] > MAX_DIMS:
         return None
     return kernels.load("linear")
 
