@@ -4,8 +4,9 @@ On a CPU with AMX, a bfloat16 layer matrix the CPU computes with in place is kep
 as tiles (tiergen/kernels/linear.cpp), and its products run on that kernel at every
 row count: its epilogue adds the bias and the residual or takes a gated MLP's
 silu(g) * u before the one rounding, and it works through long prompts panel by
-panel. SmolLM2's layer products: 1.3-2x oneDNN's rate at decode sizes, 1.2x at a
-2,730-row prompt chunk, counting the SiLU pass oneDNN needs (BENCHMARKS.md §6).
+panel. SmolLM2's layer products: 1.3-1.6x oneDNN's rate from 1 to 1,024 rows in cache; a
+256 x 64-token prompt's products 1.27x in the engine, counting the SiLU pass oneDNN needs
+(BENCHMARKS.md §6).
 
 Matrices wider than ``MAX_DIMS`` input dims stay with oneDNN: a column pair's tiles
 then no longer fit the caches the kernel counts on.
