@@ -10,9 +10,9 @@ pytestmark = pytest.mark.skipif(not tiles.serves(torch.bfloat16), reason="no AMX
 
 # (rows, columns, input dims): tails past 16/32 rows, 16/32 columns and 32 dims, SmolLM2's own,
 # and rows over several of the kernel's L2-sized row panels (the last one partial), split by
-# rows between the threads or (the last) by columns
+# rows between the threads (over several groups of column pairs) or by columns
 SHAPES = [(1, 64, 33), (5, 17, 5), (16, 32, 64), (17, 100, 70), (33, 960, 576), (300, 576, 1536), (64, 3072, 576),
-          (2100, 64, 576), (600, 64, 4096), (96, 96, 4096)]
+          (2100, 64, 576), (1100, 1024, 576), (600, 64, 4096), (96, 96, 4096)]
 
 
 def kernel():

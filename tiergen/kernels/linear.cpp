@@ -34,6 +34,7 @@ using tiergen::store_bf16;
 using tiergen::tail;
 
 constexpr int64_t kTile = 512;   // bfloat16 words in a 16 x 32 tile
+constexpr int64_t kRowSplitBlocks = 16;   // row blocks a thread needs before the threads split the rows
 
 // The inverse: one n block's tiles back into rows w[0 .. n).
 void unpack_block(const uint16_t* src, int64_t n, int64_t K, int64_t KB, uint16_t* w, int64_t rs) {
@@ -67,8 +68,9 @@ struct Pending {
 struct Product {
   const uint16_t *x, *tail_rows, *b, *bias, *other;
   void* out;
-  int64_t M, N, KB, MP, NP, FB, xs, ts, os, PB, GP;   // FB > 0: gated, F = 16 FB gate columns, then as many
-                                                     // up; PB: row blocks a panel; GP: pairs a group
+  int64_t M, N, KB, MP, NP, FB, xs, ts, os, PB, PC, GP;   // FB > 0: gated, F = 16 FB gate columns, then as
+                                                         // many up; PB / PC: row blocks a panel split by rows /
+                                                         // by columns; GP: pairs a group
   bool out_float;
 
   // the two n blocks of column pair np
@@ -184,7 +186,7 @@ struct Product {
     pend.c = cbuf, pend.mp = mp, pend.np = np, pend.row = 0, pend.rows = std::min<int64_t>(32, M - 32 * mp);
   }
 
-  // All rows x column pairs [cb, ce), panel by panel of PB row blocks (x's panel stays in L2),
+  // All rows x column pairs [cb, ce), panel by panel of PC row blocks (x's panel stays in L2),
   // each panel over the pairs, a pair over the panel's row blocks (its tiles stay in L1).
   void run_cols(int64_t cb, int64_t ce) const {
     const tiergen::TileScope scope;
@@ -193,8 +195,8 @@ struct Product {
     Pending pend;
     pend.per_step = (32 + KB - 1) / KB;
     int64_t block = 0;
-    for (int64_t p0 = 0; p0 < MP; p0 += PB) {
-      const int64_t p1 = std::min(MP, p0 + PB), per_step = (2 * lines + (p1 - p0) * KB - 1) / ((p1 - p0) * KB);
+    for (int64_t p0 = 0; p0 < MP; p0 += PC) {
+      const int64_t p1 = std::min(MP, p0 + PC), per_step = (2 * lines + (p1 - p0) * KB - 1) / ((p1 - p0) * KB);
       for (int64_t np = cb; np < ce; ++np) {
         const int64_t nn = np + 1 < ce ? np + 1 : p1 < MP ? cb : -1;   // the pair after this one
         const char* next[2] = {nullptr, nullptr};
@@ -215,20 +217,21 @@ struct Product {
     alignas(64) float c[2][32 * 32];
     Pending pend;
     pend.per_step = (32 + KB - 1) / KB;
-    const int64_t per_step = (32 * KB + KB - 1) / KB;   // a whole pair's tiles over one block
+    const int64_t lines = KB * 16;
     int64_t block = 0;
     for (int64_t p0 = rb; p0 < re; p0 += PB) {
-      const int64_t p1 = std::min(re, p0 + PB);
+      const int64_t p1 = std::min(re, p0 + PB), share = (2 * lines + (p1 - p0) - 1) / (p1 - p0),
+                    per_step = (share + KB - 1) / KB;
       for (int64_t g0 = 0; g0 < NP; g0 += GP) {
         const int64_t g1 = std::min(NP, g0 + GP);
         for (int64_t mp = p0; mp < p1; ++mp)
           for (int64_t np = g0; np < g1; ++np) {
-            // the group's last row block brings in the next group (or the next panel's first)
-            int64_t nn = -1;
-            if (mp == p1 - 1) nn = g1 < NP ? g1 + (np - g0) : p1 < re ? np - g0 : -1;
+            // the next group's pair (or the next panel's first group's) comes into L2 a share
+            // at each of this group's row blocks
+            const int64_t nn = g1 < NP ? g1 + (np - g0) : p1 < re ? np - g0 : -1;
             const char* next[2] = {nullptr, nullptr};
             if (nn >= 0 && nn < NP) next[0] = (const char*)b_block(nn, 0), next[1] = (const char*)b_block(nn, 1);
-            int64_t pl = 0;
+            int64_t pl = (mp - p0) * share;
             step(mp, np, c, block, next[0] ? next : nullptr, pl, per_step, pend);
           }
       }
@@ -240,8 +243,10 @@ struct Product {
 
 int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
 
-// The share of L2 that x's panel, and a group of column pairs' tiles, are each kept to.
-int64_t l2_share() {
+// A quarter of L2: what x's panel and a group of column pairs' tiles are each kept to when the
+// threads split the rows; split by columns, x's panel may take half (a 2,048-wide layer at 256
+// rows in one panel instead of two: 0.77 -> 0.96x oneDNN).
+int64_t l2_quarter() {
   static const int64_t bytes = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return l2 > 0 ? std::max<int64_t>(l2 / 4, 128 << 10) : int64_t{512} << 10;
@@ -249,12 +254,12 @@ int64_t l2_share() {
   return bytes;
 }
 
-// Row blocks of 32 in a panel: every thread reads all of x's panel for each of its column
-// pairs (a 2,730-row prompt chunk in one panel spilled x to L3).
-int64_t panel_blocks(int64_t KP) { return std::max<int64_t>(1, l2_share() / (64 * KP)); }
+// Row blocks of 32 in a panel of ``bytes`` of x: every thread reads all of x's panel for each of
+// its column pairs (a 2,730-row prompt chunk in one panel spilled x to L3).
+int64_t panel_blocks(int64_t KP, int64_t bytes) { return std::max<int64_t>(1, bytes / (64 * KP)); }
 
 // Column pairs in a group (two n blocks of KB 1 KiB tiles each).
-int64_t group_pairs(int64_t KB) { return std::max<int64_t>(1, l2_share() / (2048 * KB)); }
+int64_t group_pairs(int64_t KB) { return std::max<int64_t>(1, l2_quarter() / (2048 * KB)); }
 
 void check_weight(const torch::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.stride(1) == 1 && w.size(0) > 0 && w.size(1) > 0,
@@ -338,11 +343,12 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, 
   const Product p{xp, last.empty() ? nullptr : last.data(), (const uint16_t*)blocks.data_ptr(),
                   bias ? (const uint16_t*)bias->data_ptr() : nullptr, other ? (const uint16_t*)other->data_ptr() : nullptr,
                   out.data_ptr(), M, N, KB, MP, gated ? N / 32 : NB / 2, gated ? N / 32 : 0, xs, KP, cols,
-                  panel_blocks(KP), group_pairs(KB), out_float};
-  // With a panel or more for each thread, the threads split the rows: each reads only its own
-  // rows of x, which the op before wrote from the same thread (x read across cores made a
-  // prompt's products 1.7x slower); else, as at decode sizes, the column pairs.
-  if (MP >= p.PB * at::get_num_threads())
+                  panel_blocks(KP, l2_quarter()), panel_blocks(KP, 2 * l2_quarter()), group_pairs(KB), out_float};
+  // With a panel and 512 rows or more for each thread, the threads split the rows: each reads
+  // only its own rows of x, which the op before wrote from the same thread (x read across cores
+  // made a prompt's products 1.7x slower), though each then reads all of w. Else, as at decode
+  // sizes, the column pairs (a 2,048-wide layer at 256 rows split by rows: 0.74x oneDNN).
+  if (MP >= std::max<int64_t>(p.PB, kRowSplitBlocks) * at::get_num_threads())
     at::parallel_for(0, MP, 1, [&](int64_t begin, int64_t end) { p.run_rows(begin, end); });
   else
     at::parallel_for(0, p.NP, 1, [&](int64_t begin, int64_t end) { p.run_cols(begin, end); });
