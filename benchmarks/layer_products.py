@@ -15,22 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from typing import Callable
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def best_of(f: Callable[[], object], repeats: int) -> float:
-    f()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> int:
@@ -44,6 +31,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     a = ap.parse_args()
 
+    from benchmarks.memory_peak import best_of
     from tiergen import kernels
     from tiergen.weights import prepack, tiles
     if not tiles.serves(torch.bfloat16):

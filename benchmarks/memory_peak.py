@@ -9,8 +9,20 @@ has shown torch can stream, not a datasheet figure.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
+
+
+def best_of(f: Callable[[], object], repeats: int) -> float:
+    """The least wall time of ``repeats`` calls of f, after one warm-up call."""
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def read_rate(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
@@ -20,11 +32,5 @@ def read_rate(nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
                "amax_i32": lambda: x.view(torch.int32).amax()}
     rates = {}
     for name, f in kernels.items():
-        f()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f()
-            best = min(best, time.perf_counter() - t)
-        rates[name] = round(nbytes / best / 1e9, 2)
+        rates[name] = round(nbytes / best_of(f, repeats) / 1e9, 2)
     return {"peak_gb_s": max(rates.values()), "kernels": rates, "buffer_bytes": nbytes}
