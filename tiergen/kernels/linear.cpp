@@ -61,8 +61,9 @@ void pack_into(const torch::Tensor& w, uint16_t* dst, int64_t NB, int64_t KB) {
 // A block whose sums are stored but not yet through the epilogue: its rows go through it a
 // few at a time while the next block's tile products run.
 struct Pending {
+  explicit Pending(int64_t KB) : per_step((32 + KB - 1) / KB) {}   // all 32 rows over a block's KB k steps
   const float* c = nullptr;
-  int64_t mp = 0, np = 0, row = 0, rows = 0, per_step = 1;
+  int64_t mp = 0, np = 0, row = 0, rows = 0, per_step;
 };
 
 struct Product {
@@ -78,11 +79,19 @@ struct Product {
     return b + (FB ? np + half * FB : 2 * np + half) * KB * kTile;
   }
 
+  // The two n blocks of pair nn into next (false, and nothing, where nn is no pair).
+  bool blocks_of_pair(int64_t nn, const char* next[2]) const {
+    if (nn < 0 || nn >= NP) return false;
+    next[0] = (const char*)b_block(nn, 0), next[1] = (const char*)b_block(nn, 1);
+    return true;
+  }
+
   // c [32 x 32] = rows 32 mp .. +31 x the columns of pair np. Meanwhile the next pair's two n
-  // blocks (``next``, ``lines`` cache lines each; null: none) go into L2, ``per_step`` lines a
+  // blocks (``next``, KB * 16 cache lines each; null: none) go into L2, ``per_step`` lines a
   // k step from line ``pl`` on.
-  void tiles(int64_t mp, int64_t np, float* c, const char* const* next, int64_t& pl, int64_t lines,
-             int64_t per_step, Pending& pend) const {
+  void tiles(int64_t mp, int64_t np, float* c, const char* const* next, int64_t& pl, int64_t per_step,
+             Pending& pend) const {
+    const int64_t lines = KB * 16;
     const bool full = tail_rows == nullptr || 32 * mp + 32 <= M;
     const int64_t rs = full ? xs : ts;
     const uint16_t* a0 = full ? x + 32 * mp * xs : tail_rows;
@@ -176,13 +185,19 @@ struct Product {
     }
   }
 
+  // What is left of the pending block's epilogue.
+  void drain(Pending& pend) const {
+    if (pend.c != nullptr && pend.row < pend.rows) finish(pend.mp, pend.np, pend.c, pend.row, pend.rows);
+    pend.row = pend.rows;
+  }
+
   // Block (mp, np) through the tiles, with the last one's epilogue under them; ``next``: the
   // pair whose tiles to bring into L2 meanwhile (null: none).
   void step(int64_t mp, int64_t np, float (*c)[32 * 32], int64_t& block, const char* const* next, int64_t& pl,
             int64_t per_step, Pending& pend) const {
     float* cbuf = c[block++ & 1];
-    tiles(mp, np, cbuf, next, pl, KB * 16, per_step, pend);
-    if (pend.c != nullptr && pend.row < pend.rows) finish(pend.mp, pend.np, pend.c, pend.row, pend.rows);
+    tiles(mp, np, cbuf, next, pl, per_step, pend);
+    drain(pend);
     pend.c = cbuf, pend.mp = mp, pend.np = np, pend.row = 0, pend.rows = std::min<int64_t>(32, M - 32 * mp);
   }
 
@@ -192,20 +207,19 @@ struct Product {
     const tiergen::TileScope scope;
     alignas(64) float c[2][32 * 32];
     const int64_t lines = KB * 16;
-    Pending pend;
-    pend.per_step = (32 + KB - 1) / KB;
+    Pending pend(KB);
     int64_t block = 0;
     for (int64_t p0 = 0; p0 < MP; p0 += PC) {
       const int64_t p1 = std::min(MP, p0 + PC), per_step = (2 * lines + (p1 - p0) * KB - 1) / ((p1 - p0) * KB);
       for (int64_t np = cb; np < ce; ++np) {
         const int64_t nn = np + 1 < ce ? np + 1 : p1 < MP ? cb : -1;   // the pair after this one
-        const char* next[2] = {nullptr, nullptr};
-        if (nn >= 0) next[0] = (const char*)b_block(nn, 0), next[1] = (const char*)b_block(nn, 1);
+        const char* next[2];
+        const bool ahead = blocks_of_pair(nn, next);
         int64_t pl = 0;
-        for (int64_t mp = p0; mp < p1; ++mp) step(mp, np, c, block, next[0] ? next : nullptr, pl, per_step, pend);
+        for (int64_t mp = p0; mp < p1; ++mp) step(mp, np, c, block, ahead ? next : nullptr, pl, per_step, pend);
       }
     }
-    if (pend.c != nullptr) finish(pend.mp, pend.np, pend.c, pend.row, pend.rows);
+    drain(pend);
   }
 
   // Row blocks [rb, re) x all pairs, panel by panel; a panel's pairs in groups of GP whose tiles
@@ -215,8 +229,7 @@ struct Product {
   void run_rows(int64_t rb, int64_t re) const {
     const tiergen::TileScope scope;
     alignas(64) float c[2][32 * 32];
-    Pending pend;
-    pend.per_step = (32 + KB - 1) / KB;
+    Pending pend(KB);
     const int64_t lines = KB * 16;
     int64_t block = 0;
     for (int64_t p0 = rb; p0 < re; p0 += PB) {
@@ -229,14 +242,14 @@ struct Product {
             // the next group's pair (or the next panel's first group's) comes into L2 a share
             // at each of this group's row blocks
             const int64_t nn = g1 < NP ? g1 + (np - g0) : p1 < re ? np - g0 : -1;
-            const char* next[2] = {nullptr, nullptr};
-            if (nn >= 0 && nn < NP) next[0] = (const char*)b_block(nn, 0), next[1] = (const char*)b_block(nn, 1);
+            const char* next[2];
+            const bool ahead = blocks_of_pair(nn, next);
             int64_t pl = (mp - p0) * share;
-            step(mp, np, c, block, next[0] ? next : nullptr, pl, per_step, pend);
+            step(mp, np, c, block, ahead ? next : nullptr, pl, per_step, pend);
           }
       }
     }
-    if (pend.c != nullptr) finish(pend.mp, pend.np, pend.c, pend.row, pend.rows);
+    drain(pend);
   }
 };
 #endif

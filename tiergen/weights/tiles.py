@@ -23,7 +23,8 @@ import torch
 from .. import kernels
 
 # Input dims up to which a matrix is tiled: past them a column pair's tiles (256 KiB at 4,096)
-# spill from L2 (at 8,192: 0.6-0.65x oneDNN's rate; at 2,048-4,096: 0.9-1.2x).
+# spill from L2 (at 8,192 dims in: 0.65-0.70x oneDNN's rate; a 2,048-wide layer's products:
+# 0.95-1.07x; BENCHMARKS.md §6).
 MAX_DIMS = 4096
 
 
