@@ -45,11 +45,14 @@ def test_bf16_cache_matches_transformers_with_a_rounded_cache(name, hf_model_dir
     ours_prefill, ours = our_step_logits(llm, PROMPT, 12)
     ref_prefill, ref = hf_rounded_logits(hf, PROMPT, 12)
     assert (ours_prefill.cpu() - ref_prefill).abs().max() <= 1e-4
+    # Decode steps read the rounded cache: a float32 difference of one ulp upstream can
+    # flip one key's bfloat16 rounding (seen: 1.04e-4 on a Zen 4), so they get 5e-4,
+    # still a small fraction of what the rounding itself moves (checked below).
     for i, (a, b) in enumerate(zip(ours, ref)):
-        assert (a.cpu() - b).abs().max() <= 1e-4, f"decode step {i}"
-    # and the rounding is real: the float32 cache gives measurably different logits
+        assert (a.cpu() - b).abs().max() <= 5e-4, f"decode step {i}"
+    # and the rounding is real: the float32 cache gives logits 0.02-0.05 away
     full_prefill, _ = our_step_logits(LLM(path, dtype="float32", device=device), PROMPT, 1)
-    assert (ours_prefill - full_prefill).abs().max() > 1e-4
+    assert (ours_prefill - full_prefill).abs().max() > 1e-2
 
 
 PLACEMENTS = {
