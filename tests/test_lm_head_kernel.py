@@ -1,14 +1,22 @@
-"""The AMX LM-head kernel: float32 logits of bfloat16 features from the weight's plain rows, and
-the greedy argmax of exactly those logits (ties to the lowest id), for any shape and stride."""
+"""The LM-head kernels (AMX tiles, AVX-512 BF16 dot products): float32 logits of bfloat16
+features from the weight's plain rows, and the greedy argmax of exactly those logits (ties to
+the lowest id), for any shape and stride."""
 import pytest
 import torch
 
 from tiergen import kernels
-from tiergen.models.base import amx_head, greedy_head, head
+from tiergen.models.base import greedy_head, head, head_kernel
 
-mod = kernels.load("lm_head")
-needs_amx = pytest.mark.skipif(mod is None, reason="the kernel cannot be built or used here (needs a C++ "
-                               "compiler, ninja and AMX BF16)")
+NEEDS = {"lm_head": "AMX BF16", "lm_head_avx512": "AVX-512 BF16"}
+
+
+@pytest.fixture(params=kernels.HEAD_KERNELS)
+def mod(request):
+    m = kernels.load(request.param)
+    if m is None:
+        pytest.skip(f"{request.param} cannot be built or used here (needs a C++ compiler, ninja and "
+                    f"{NEEDS[request.param]})")
+    return m
 
 
 class Plain:
@@ -24,9 +32,8 @@ def case(N, V, K, seed):
     return h, w
 
 
-@needs_amx
-@pytest.mark.parametrize("N,V,K", [(1, 17, 64), (5, 1000, 80), (33, 777, 576), (256, 4099, 576), (600, 100, 40)])
-def test_logits_are_the_float32_products(N, V, K):
+@pytest.mark.parametrize("N,V,K", [(1, 17, 64), (5, 1000, 80), (33, 777, 576), (256, 4099, 576), (600, 100, 40), (70, 50, 33)])
+def test_logits_are_the_float32_products(mod, N, V, K):
     h, w = case(N, V, K, seed=N + V + K)
     got = mod.logits(h, w)
     want = h.double() @ w.double().T
@@ -35,9 +42,8 @@ def test_logits_are_the_float32_products(N, V, K):
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-@needs_amx
-@pytest.mark.parametrize("N,V,K", [(1, 17, 64), (7, 1000, 80), (256, 4099, 576), (600, 100, 40)])
-def test_argmax_is_of_the_float32_logits_with_ties_to_the_lowest_id(N, V, K):
+@pytest.mark.parametrize("N,V,K", [(1, 17, 64), (7, 1000, 80), (256, 4099, 576), (600, 100, 40), (19, 61, 33)])
+def test_argmax_is_of_the_float32_logits_with_ties_to_the_lowest_id(mod, N, V, K):
     h, w = case(N, V, K, seed=3 * N + V)
     w[V - 1] = w[V // 3]                     # an exact tie across the vocabulary
     h[0] = w[V // 3] * 8                     # row 0 prefers that row: the tie decides it
@@ -47,8 +53,7 @@ def test_argmax_is_of_the_float32_logits_with_ties_to_the_lowest_id(N, V, K):
     assert torch.equal(got, (h.double() @ w.double().T).argmax(-1))
 
 
-@needs_amx
-def test_argmax_separates_what_bfloat16_rounding_ties():
+def test_argmax_separates_what_bfloat16_rounding_ties(mod):
     # logits 25.375 and 25.390625: one bfloat16 value once rounded (its step there is 0.125),
     # where a bfloat16 head would hand the tie to id 0
     h = torch.zeros(2, 64).bfloat16()
@@ -62,11 +67,12 @@ def test_argmax_separates_what_bfloat16_rounding_ties():
     assert (mod.argmax(h, w) == 1).all()
 
 
-@needs_amx
+@pytest.mark.skipif(kernels.head_kernel() is None, reason="no head kernel can be built or used here")
 def test_head_helpers_route_plain_bfloat16_heads_through_the_kernel():
+    mod = kernels.head_kernel()
     h, w = case(9, 300, 64, seed=1)
-    assert amx_head(h, w) is mod
-    assert amx_head(h.float(), w.float()) is None
+    assert head_kernel(h, w) is mod
+    assert head_kernel(h.float(), w.float()) is None
     torch.testing.assert_close(head(Plain(), {"lm_head": w}, h[None]), mod.logits(h, w)[None], rtol=0, atol=0)
     assert torch.equal(greedy_head(Plain(), {"lm_head": w}, h, slice_rows=64), mod.argmax(h, w))
     assert torch.equal(greedy_head(Plain(), {"lm_head": w}, h), mod.argmax(h, w))

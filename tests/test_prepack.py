@@ -4,7 +4,7 @@ import torch
 
 from tiergen import LLM, Policy, SamplingParams
 from tiergen.weights import prepack, tiles
-from tiergen.weights.tiered import amx_head_serves
+from tiergen.weights.tiered import head_kernel_serves
 
 DTYPES = ["bfloat16", "float32"]
 
@@ -35,10 +35,10 @@ def is_plain(t) -> bool:
 
 
 def assert_head_kept_for_its_kernel(llm):
-    """A resident CPU head is packed in vocabulary slices for oneDNN, or kept plain where the AMX
-    head kernel reads it (bfloat16 on an AMX CPU)."""
+    """A resident CPU head is packed in vocabulary slices for oneDNN, or kept plain where a
+    head kernel reads it (bfloat16 on a CPU with AMX or AVX-512 BF16)."""
     head = llm.weights.homes["head"]["lm_head"].tensor
-    if amx_head_serves(llm.dtype):
+    if head_kernel_serves(llm.dtype):
         assert isinstance(head, torch.Tensor) and not head.is_mkldnn and head.dtype == torch.bfloat16
     else:
         assert isinstance(head, prepack.PackedRows)
@@ -106,7 +106,7 @@ def test_packed_head_is_counted_and_streamed_heads_agree(name, dtype, hf_model_d
     head = llm.weights.homes["head"]["lm_head"]
     assert_head_kept_for_its_kernel(llm)
     demand = weight_demand(llm.model, llm.dtype, llm.policy, llm.device)["gpu"]
-    if amx_head_serves(llm.dtype):   # the AMX kernel reads the plain rows: a tied head is the embedding itself
+    if head_kernel_serves(llm.dtype):   # the head kernel reads the plain rows: a tied head is the embedding itself
         assert "packed LM head" not in demand and (head.tensor is llm.weights.homes["embed"]["tok"].tensor) == llm.weights.tied
     else:
         # a tied head takes a packed copy beside the embedding's rows, charged to its tier; an untied one is replaced

@@ -41,10 +41,9 @@ def test_greedy_tokens_match_transformers_gguf(ours, reference, chat):
 
 def test_default_model_answers_sensibly():
     llm = LLM("smollm2-135m")
-    # the CPU default is the faster dtype there: float32 without AMX, bf16 with it (and on a GPU)
-    from tiergen.llm import cpu_has_amx_bf16
-    cpu_f32 = llm.device.type == "cpu" and not cpu_has_amx_bf16()
-    assert llm.dtype == (torch.float32 if cpu_f32 else torch.bfloat16)
+    # the CPU default is the faster dtype there (tiergen/cpu_dtype.py), bf16 on a GPU
+    from tiergen.cpu_dtype import faster_cpu_dtype
+    assert llm.dtype == (faster_cpu_dtype() if llm.device.type == "cpu" else torch.bfloat16)
     out = llm.generate(["What is the capital of France?"], SamplingParams(max_new_tokens=24), chat=True)[0]
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")

@@ -27,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dummy", action="store_true", help="random weights of the model's shape")
     g.add_argument("--dtype", default=None,
                    help="compute dtype: float32 | bfloat16 | float16 (default: bfloat16, or float32 on a CPU "
-                        "without AMX)")
+                        "where float32 runs faster: measured once per machine, see tiergen/cpu_dtype.py)")
     g.add_argument("--offload-dtype", default=None,
                    help="dtype of weights homed on the host or disk (default: the checkpoint's, if narrower)")
     g.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],

@@ -1,7 +1,6 @@
 """The public entry point: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence as Seq
@@ -9,6 +8,7 @@ from typing import Any, Iterator, Sequence as Seq
 import torch
 
 from . import host_heap, kernels
+from .cpu_dtype import faster_cpu_dtype
 from .disk import IOPool, OffloadDir
 from .engine import Engine
 from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError
@@ -69,27 +69,12 @@ def resolve_store_dtype(offload_dtype: str | torch.dtype | None, checkpoint: tor
     return dt
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 on AMX tiles (Linux: the cpuinfo flag)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
-        # On a CPU the faster one. Without AMX, float32 (AVX-512-bf16 Xeons: ~250 vs
-        # ~70-160 GFLOP/s for bf16 at batch sizes that matter; float32 is batch-invariant
-        # too, and LLM falls back to bfloat16 if float32 does not fit). With AMX, bfloat16
-        # (a 2-core Xeon VM with AMX: 1,107 vs 257 GFLOP/s at 192 rows, BENCHMARKS.md §1).
-        if device.type == "cpu" and not cpu_has_amx_bf16():
-            return torch.float32
+        # On a CPU the faster one (cpu_dtype.py; LLM falls back to bfloat16 if float32
+        # does not fit). On a GPU, bfloat16.
+        if device.type == "cpu":
+            return faster_cpu_dtype()
         return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         dt = dtype

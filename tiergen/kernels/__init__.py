@@ -21,9 +21,13 @@ SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
            "decode_attention_f32": Path(__file__).with_name("decode_attention_f32.cpp"),
            "prefill_attention": Path(__file__).with_name("prefill_attention.cpp"),
            "lm_head": Path(__file__).with_name("lm_head.cpp"),
+           "lm_head_avx512": Path(__file__).with_name("lm_head_avx512.cpp"),
            "linear": Path(__file__).with_name("linear.cpp")}
 # the kernels each compute dtype calls (the float32 ones need only AVX2 and FMA)
-BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "lm_head", "linear"), torch.float32: ("decode_attention_f32",)}
+BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "lm_head", "linear"),
+            torch.float32: ("decode_attention_f32",)}
+# the LM head's kernels, the first that serves taken: AMX tiles, else AVX-512 BF16 dot products
+HEAD_KERNELS = ("lm_head", "lm_head_avx512")
 # -march=native: the kernel is built on and for the machine that runs it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -54,7 +58,7 @@ def load(name: str) -> ModuleType | None:
         return _built[name]
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -79,7 +83,7 @@ def _build(name: str) -> ModuleType | None:
     # a cache shared by machines never hands one a build for another's instruction set
     headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))
     key = hashlib.sha256(src.read_bytes() + headers + " ".join(CFLAGS).encode() + torch.__version__.encode()
-                         + _cpu_flags().encode())
+                         + cpu_flags().encode())
     tag = f"tiergen_{name}_{key.hexdigest()[:12]}"
     where = cache_dir() / tag
     try:
@@ -108,9 +112,20 @@ def for_bf16(name: str, *tensors: torch.Tensor) -> ModuleType | None:
     return for_dtype(torch.bfloat16, name, *tensors)
 
 
+def head_kernel() -> ModuleType | None:
+    """The bfloat16 LM head kernel this CPU runs (float32 logits), or None."""
+    for name in HEAD_KERNELS:
+        mod = load(name)
+        if mod is not None:
+            return mod
+    return None
+
+
 def warm(host_compute: bool, dtype: torch.dtype) -> None:
     """Build (or load) now the kernels a run on the host at ``dtype`` will call, so the
     one-time build does not land inside the first generation."""
     if host_compute:
         for name in BY_DTYPE.get(dtype, ()):
             load(name)
+        if dtype == torch.bfloat16:
+            head_kernel()

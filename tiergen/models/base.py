@@ -150,16 +150,19 @@ def head(model: Model, w: Weights, x: torch.Tensor) -> torch.Tensor:
     return _vocab_logits(model.head_features(w, x), w["lm_head"])
 
 
-def amx_head(h: torch.Tensor, weight: Any):
-    """The AMX head kernel (tiergen/kernels/lm_head.cpp) where it serves these tensors, else None:
-    float32 logits of bfloat16 features from the weight's plain rows, resident or streamed."""
+def head_kernel(h: torch.Tensor, weight: Any):
+    """The head kernel (AMX: kernels/lm_head.cpp, else AVX-512 BF16: lm_head_avx512.cpp) where
+    one serves these tensors, else None: float32 logits of bfloat16 features from the weight's
+    plain rows, resident or streamed."""
     if not isinstance(weight, torch.Tensor) or weight.is_mkldnn or weight.dim() != 2 or h.numel() == 0:
         return None
-    return kernels.for_bf16("lm_head", h, weight)
+    if all(t.is_cpu and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (h, weight)):
+        return kernels.head_kernel()
+    return None
 
 
 def _vocab_logits(h: torch.Tensor, weight: Any) -> torch.Tensor:
-    fast = amx_head(h, weight)
+    fast = head_kernel(h, weight)
     if fast is not None:   # float32 logits: no ties made by bfloat16 rounding alone
         return fast.logits(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
     if isinstance(weight, prepack.PackedRows):
@@ -170,14 +173,14 @@ def _vocab_logits(h: torch.Tensor, weight: Any) -> torch.Tensor:
 def greedy_head(model: Model, w: Weights, x: torch.Tensor, slice_rows: int | None = None) -> torch.Tensor:
     """argmax of ``head(model, w, x)`` per row, on x's device.
 
-    Where the AMX head kernel serves (bfloat16 on a CPU with AMX) the argmax is of float32
+    Where a head kernel serves (bfloat16 on a CPU with AMX or AVX-512 BF16) the argmax is of float32
     logits, not of their bfloat16 rounding. Otherwise, with ``slice_rows`` the projection
     runs over slices of that many vocabulary ids,
     keeping each row's running best: the [B,V] logits never exist, the weight is read
     once, and each slice stays in cache. Ties go to the lowest id, as argmax does.
     """
     h = model.head_features(w, x)
-    fast = amx_head(h, w["lm_head"])
+    fast = head_kernel(h, w["lm_head"])
     if fast is not None:   # the argmax of float32 logits, taken tile by tile (no [B,V] logits)
         return fast.argmax(h, w["lm_head"])
     if slice_rows is None:

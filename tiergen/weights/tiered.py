@@ -90,14 +90,14 @@ def packs_head(tier: str, stored: torch.dtype, quantized: bool, dtype: torch.dty
     vocabulary slices (prepack.PackedRows): in host memory, computed with in place without a
     GPU, dense at the compute dtype, one oneDNN packs. One stored narrower or wider is cast
     per block instead. A tied one then takes a copy of its own beside the embedding's. Where
-    the AMX head kernel serves the compute dtype, it reads the plain rows: nothing is packed."""
+    a head kernel serves the compute dtype, it reads the plain rows: nothing is packed."""
     return (device.type == "cpu" and tier != "disk" and not quantized and stored == dtype
-            and prepack.available(dtype) and not amx_head_serves(dtype))
+            and prepack.available(dtype) and not head_kernel_serves(dtype))
 
 
-def amx_head_serves(dtype: torch.dtype) -> bool:
-    """Whether a CPU head at ``dtype`` runs on the AMX kernel (models/base.py ``amx_head``)."""
-    return dtype == torch.bfloat16 and kernels.load("lm_head") is not None
+def head_kernel_serves(dtype: torch.dtype) -> bool:
+    """Whether a CPU head at ``dtype`` runs on a head kernel (models/base.py ``head_kernel``)."""
+    return dtype == torch.bfloat16 and kernels.head_kernel() is not None
 
 
 def placed_shapes(model: Model) -> tuple[dict[str | int, dict[str, tuple[int, ...]]], bool]:
