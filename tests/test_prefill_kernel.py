@@ -1,5 +1,5 @@
-"""The AMX prompt-attention kernel computes what SDPA does, as accurately, for every mask and
-layout the engine hands it, and the engine's prompt pass through it stays as close to
+"""The prompt-attention kernel (AMX tiles, or AVX-512 BF16 dot products) computes what SDPA
+does, as accurately, for every mask and layout the engine hands it, and the engine's prompt pass through it stays as close to
 transformers as through SDPA."""
 import pytest
 import torch
@@ -11,8 +11,8 @@ from tiergen.models import attention as attn
 from tiergen.models.attention import build_mask
 
 mod = kernels.load("prefill_attention")
-needs_amx = pytest.mark.skipif(mod is None, reason="the kernel cannot be built or used here (needs a C++ "
-                               "compiler, ninja and AMX BF16)")
+needs_kernel = pytest.mark.skipif(mod is None, reason="the kernel cannot be built or used here (needs a C++ "
+                                  "compiler, ninja and AVX-512 BF16)")
 
 
 def case(B, H, Hkv, D, T, start, seed):
@@ -39,7 +39,7 @@ def assert_as_accurate_as_sdpa(got, q, k, v, mask, scale):
     assert err.mean() <= 1.05 * err_sdpa.mean() + 2 ** -16
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 64), (8, 1, 128), (12, 4, 96), (16, 2, 64)])
 @pytest.mark.parametrize("T,start", [(2, 0), (16, 0), (17, 5), (64, 0), (45, 30), (150, 0)])
 def test_kernel_matches_sdpa_and_reference(H, Hkv, D, T, start):
@@ -50,7 +50,7 @@ def test_kernel_matches_sdpa_and_reference(H, Hkv, D, T, start):
     assert_as_accurate_as_sdpa(got, q, k, v, mask, D ** -0.5)
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("B,Hkv", [(1, 1), (1, 3), (2, 1)])
 def test_few_sequences_split_their_query_blocks_between_threads(B, Hkv):
     # fewer (sequence, K/V head) pairs than two per thread: the pairs' query blocks are dealt out
@@ -58,7 +58,7 @@ def test_few_sequences_split_their_query_blocks_between_threads(B, Hkv):
     assert_as_accurate_as_sdpa(mod.prefill_attention(q, k, v, mask, 0.125), q, k, v, mask, 0.125)
 
 
-@needs_amx
+@needs_kernel
 def test_token_major_views_sliding_window_and_large_scores():
     # host rows are token-major [S, B, Hkv, D], attended through permuted views; a sliding window
     # hides a row's first keys; one key far above the rest must not overflow the exponentials
@@ -75,7 +75,7 @@ def test_token_major_views_sliding_window_and_large_scores():
     assert_as_accurate_as_sdpa(got, q, k, v, mask, 0.125)
 
 
-@needs_amx
+@needs_kernel
 def test_rows_that_see_no_key_attend_to_nothing():
     q, k, v, mask = case(2, 4, 2, 64, 20, 0, seed=5)
     mask = mask.clone()
@@ -89,7 +89,7 @@ def test_rows_that_see_no_key_attend_to_nothing():
     torch.testing.assert_close(got_rows.double(), want_rows, rtol=2 ** -6, atol=2 ** -7)
 
 
-@needs_amx
+@needs_kernel
 def test_attention_routes_prompts_through_the_kernel_and_the_rest_elsewhere():
     q, k, v, mask = case(2, 9, 3, 64, 12, 0, seed=7)
     assert attn.prefill_kernel(q, k, v) is mod
@@ -104,7 +104,7 @@ def test_attention_routes_prompts_through_the_kernel_and_the_rest_elsewhere():
                                rtol=2 ** -6, atol=2 ** -7)
 
 
-@needs_amx
+@needs_kernel
 def test_engine_prompt_pass_through_the_kernel_as_accurate_as_sdpa(hf_model_dirs, monkeypatch):
     # two prompts of different lengths (the shorter left-padded); each one's next-token logits
     # against float32 transformers on that prompt alone

@@ -80,5 +80,24 @@ inline void transpose16(__m512i* r) {
   }
 }
 
+// the first n (<= 32) bfloat16 words of a 64-byte row
+inline __mmask32 first_words(int64_t n) { return n >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << n) - 1); }
+
+// Rows r[0 .. n), n <= 16, of row stride rs (K bfloat16 each) in the pair-interleaved layout of
+// AMX's right operand and of AVX-512's dot products, one 16-row block into dst (KB x 16 x 32):
+// tile kb's row i holds, for rows c = 0..15,
+// the pair (32 kb + 2i, 32 kb + 2i + 1) of row c -- a 16 x 16 transpose of 32-bit pairs.
+// Rows past n and dims past K are zero; nothing past them is read.
+inline void pack_right_tiles(const uint16_t* rows, int64_t rs, int64_t n, int64_t K, int64_t KB, uint16_t* dst) {
+  for (int64_t kb = 0; kb < KB; ++kb, dst += 512) {
+    const __mmask32 m = first_words(K - 32 * kb);
+    __m512i r[16];
+    for (int64_t i = 0; i < 16; ++i)
+      r[i] = i < n ? _mm512_maskz_loadu_epi16(m, rows + i * rs + 32 * kb) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + 32 * i, r[i]);
+  }
+}
+
 }  // namespace tiergen
 #endif

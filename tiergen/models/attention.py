@@ -39,7 +39,7 @@ def decode_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def prefill_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The compiled many-token kernel (AMX, bfloat16) where it handles these tensors, else None."""
+    """The compiled many-token kernel (bfloat16, AVX-512 BF16 or AMX) where it handles these tensors, else None."""
     mod = kernels.for_bf16("prefill_attention", q, k, v)
     if mod is None or not mod.supports(q.shape[1], k.shape[1], q.shape[-1]):
         return None
