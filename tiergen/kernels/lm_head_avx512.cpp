@@ -34,24 +34,29 @@ constexpr int kVecs = 4;    // vectors of 16 feature rows per block, at most
 // features and a broadcast), so even one vector of rows has 24 independent chains of sums.
 template <int R>
 constexpr int kPassIds = kIds / R;
+// Up to this many rows, the sums run along K instead, each id's row read in place: one block of
+// rows does not repay copying the weight into the pair-major layout (SmolLM2's head, 1 row: 6.4
+// -> 2.9 ms, oneDNN's bfloat16 2.6; 16 rows: 6.3 -> 5.1 ms, oneDNN 3.4, the reductions' cost).
+constexpr int64_t kFewRows = 16;
 
 // The features h [N, K] as dwords: block nb, pair p holds, for rows n = 0..15, the dims
-// (2p, 2p + 1) of row 16 nb + n. Past N or K: zeros.
+// (2p, 2p + 1) of row 16 nb + n -- the right-operand layout the AMX kernels use too, pairs padded
+// to a multiple of 16. Past N or K: zeros.
 struct Features {
-  int64_t N, NB, KP;
-  std::vector<uint32_t> x;
+  int64_t N, NB, KP, stride;   // KP pairs are summed; blocks are ``stride`` dwords apart
+  const uint16_t* rows;        // h itself, for the few-rows path
+  int64_t rs, K;
+  std::vector<uint32_t> x;     // packed only for more than kFewRows rows
   explicit Features(const torch::Tensor& h)
-      : N(h.size(0)), NB((h.size(0) + 15) / 16), KP((h.size(1) + 1) / 2), x(NB * KP * 16, 0) {
-    const uint16_t* src = (const uint16_t*)h.data_ptr();
-    const int64_t K = h.size(1), rs = h.stride(0);
-    for (int64_t n = 0; n < N; ++n) {
-      const uint16_t* row = src + n * rs;
-      uint32_t* dst = x.data() + (n / 16) * KP * 16 + n % 16;
-      for (int64_t p = 0; p < K / 2; ++p) dst[16 * p] = row[2 * p] | (uint32_t)row[2 * p + 1] << 16;
-      if (K % 2) dst[16 * (KP - 1)] = row[K - 1];
-    }
+      : N(h.size(0)), NB((h.size(0) + 15) / 16), KP((h.size(1) + 1) / 2), stride((h.size(1) + 31) / 32 * 256),
+        rows((const uint16_t*)h.data_ptr()), rs(h.stride(0)), K(h.size(1)) {
+    if (N <= kFewRows) return;
+    x.resize(NB * stride);
+    for (int64_t nb = 0; nb < NB; ++nb)
+      tiergen::pack_right_tiles(rows + 16 * nb * rs, rs, std::min<int64_t>(16, N - 16 * nb), K, stride / 256,
+                                (uint16_t*)(x.data() + nb * stride));
   }
-  const uint32_t* block(int64_t nb) const { return x.data() + nb * KP * 16; }
+  const uint32_t* block(int64_t nb) const { return x.data() + nb * stride; }
 };
 
 // kIds rows of the weight from id0 as dwords [pair][id]: pair p of every id next to each other,
@@ -108,7 +113,7 @@ inline void pass(const Features& f, const IdBlock& w, int64_t nb, int g, __m512 
     for (int v = 0; v < R; ++v) a[i][v] = _mm512_setzero_ps();
   const uint32_t* xs = f.block(nb);
   const uint32_t* ws = w.at(0) + g;
-  const int64_t vstride = 16 * f.KP;   // from one block of 16 rows to the next
+  const int64_t vstride = f.stride;   // from one block of 16 rows to the next
   for (int64_t p = 0; p < f.KP; ++p, xs += 16, ws += kIds) {
     __m512i x[R];
 #pragma GCC unroll 4
@@ -145,21 +150,76 @@ inline void prefetch_rows(const uint16_t* w, int64_t V, int64_t K, int64_t rs, i
 
 // Feature rows per chunk: their packed form takes at most half of L2, so it stays there while
 // the thread's share of the vocabulary passes (at least one 64-row block).
-int64_t row_chunk_blocks(int64_t KP) {
+int64_t row_chunk_blocks(int64_t stride) {
   static const int64_t l2 = [] {
     const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return b > 0 ? (int64_t)b : int64_t{1} << 20;
   }();
-  return std::max<int64_t>(kVecs, l2 / 2 / (KP * 64) / kVecs * kVecs);
+  return std::max<int64_t>(kVecs, l2 / 2 / (stride * 4) / kVecs * kVecs);
 }
 
 // Runs fn(id0, nb, R, acc) over every block of kIds ids x R * 16 rows, the vocabulary split
 // between the threads (each reads its share of the weight once per chunk of rows).
+// The few-rows form: sums of 32 dims at a time of I ids' rows and NR feature rows, as they are
+// stored, reduced at the end into t[g + i][n] (the logit of id id0 + g + i for row r0 + n).
+template <int NR, int I>
+inline void few_pass(const Features& f, const uint16_t* w, int64_t rs, int64_t r0, int g, float (&t)[kIds][16]) {
+  __m512 a[I][NR];
+#pragma GCC unroll 24
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) a[i][n] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < f.K; k += 32) {
+    const __mmask32 m = tiergen::first_words(f.K - k);
+    __m512i x[NR];
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) x[n] = _mm512_maskz_loadu_epi16(m, f.rows + (r0 + n) * f.rs + k);
+#pragma GCC unroll 24
+    for (int i = 0; i < I; ++i) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(m, w + (g + i) * rs + k);
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; ++n) a[i][n] = _mm512_dpbf16_ps(a[i][n], (__m512bh)wv, (__m512bh)x[n]);
+    }
+  }
+#pragma GCC unroll 24
+  for (int i = 0; i < I; ++i)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; ++n) t[g + i][r0 + n] = _mm512_reduce_add_ps(a[i][n]);
+}
+
+// kIds ids from w's row pointer (n of them real) against every feature row, into acc[i][0].
+inline void few_block(const Features& f, const uint16_t* w, int64_t rs, int64_t n, __m512 (&acc)[kIds][kVecs]) {
+  alignas(64) float t[kIds][16] = {};
+  if (n == kIds)
+    for (int64_t r0 = 0; r0 < f.N; r0 += 4) {
+      switch (std::min<int64_t>(4, f.N - r0)) {
+        case 4: for (int g = 0; g < kIds; g += 6) few_pass<4, 6>(f, w, rs, r0, g, t); break;
+        case 3: for (int g = 0; g < kIds; g += 8) few_pass<3, 8>(f, w, rs, r0, g, t); break;
+        case 2: for (int g = 0; g < kIds; g += 12) few_pass<2, 12>(f, w, rs, r0, g, t); break;
+        default: few_pass<1, 24>(f, w, rs, r0, 0, t); break;
+      }
+    }
+  else   // the vocabulary's last ids: one at a time, reading no row past V
+    for (int64_t r0 = 0; r0 < f.N; ++r0)
+      for (int64_t i = 0; i < n; ++i) few_pass<1, 1>(f, w, rs, r0, (int)i, t);
+  for (int i = 0; i < kIds; ++i) acc[i][0] = _mm512_load_ps(t[i]);
+}
+
 template <typename Fn>
 void for_blocks(const Features& f, const torch::Tensor& w, Fn&& fn) {
   const int64_t V = w.size(0), K = w.size(1), rs = w.stride(0);
   const uint16_t* wp = (const uint16_t*)w.data_ptr();
-  const int64_t chunk = row_chunk_blocks(f.KP);
+  if (f.N <= kFewRows) {
+    at::parallel_for(0, (V + kIds - 1) / kIds, 1, [&](int64_t begin, int64_t end) {
+      __m512 acc[kIds][kVecs];
+      for (int64_t b = begin; b < end; ++b) {
+        few_block(f, wp + kIds * b * rs, rs, std::min<int64_t>(kIds, V - kIds * b), acc);
+        fn(kIds * b, 0, 1, acc);
+      }
+    });
+    return;
+  }
+  const int64_t chunk = row_chunk_blocks(f.stride);
   at::parallel_for(0, (V + kIds - 1) / kIds, 1, [&](int64_t begin, int64_t end) {
     __m512 acc[kIds][kVecs];
     IdBlock ids(K);
