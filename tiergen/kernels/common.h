@@ -5,7 +5,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -98,6 +101,54 @@ inline void pack_right_tiles(const uint16_t* rows, int64_t rs, int64_t n, int64_
     for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + 32 * i, r[i]);
   }
 }
+
+// The greedy head's bookkeeping (lm_head*.cpp): each thread's running best logit and its id for
+// every row, and at the end each row's winner over the threads. Ids reach a thread in increasing
+// order and ties go to the lowest id, as torch's argmax; NaNs are not ordered.
+class RowArgmax {
+ public:
+  explicit RowArgmax(int64_t rows) : rows_((rows + 15) / 16 * 16), shares_(std::max(1, at::get_num_threads())) {}
+
+  // The calling thread's rows r0 .. r0 + 15 against ids id0 .. id0 + n - 1, logits(i) holding
+  // id id0 + i's logits of those rows.
+  template <typename Logits>
+  void update(int64_t r0, int64_t id0, int64_t n, Logits&& logits) {
+    Share& s = shares_[at::get_thread_num()];
+    if (s.val.empty()) s.val.assign(rows_, -std::numeric_limits<float>::infinity()), s.id.assign(rows_, 0);
+    __m512 vmax = _mm512_loadu_ps(s.val.data() + r0);
+    __m512i vidx = _mm512_loadu_si512(s.id.data() + r0);
+    for (int64_t i = 0; i < n; ++i) {   // strict > keeps a row's first best
+      const __m512 x = logits(i);
+      const __mmask16 gt = _mm512_cmp_ps_mask(x, vmax, _CMP_GT_OQ);
+      vmax = _mm512_mask_mov_ps(vmax, gt, x);
+      vidx = _mm512_mask_mov_epi32(vidx, gt, _mm512_set1_epi32((int)(id0 + i)));
+    }
+    _mm512_storeu_ps(s.val.data() + r0, vmax);
+    _mm512_storeu_si512(s.id.data() + r0, vidx);
+  }
+
+  // Each of the first n rows' best id into out (a row whose logits are all -inf: id 0).
+  void write(int64_t* out, int64_t n) const {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < n; ++r) {
+      float best = ninf;
+      int64_t id = -1;
+      for (const Share& s : shares_) {
+        if (s.val.empty() || s.val[r] == ninf) continue;
+        if (id < 0 || s.val[r] > best || (s.val[r] == best && s.id[r] < id)) best = s.val[r], id = s.id[r];
+      }
+      out[r] = id < 0 ? 0 : id;
+    }
+  }
+
+ private:
+  struct Share {
+    std::vector<float> val;
+    std::vector<int32_t> id;
+  };
+  int64_t rows_;
+  std::vector<Share> shares_;
+};
 
 }  // namespace tiergen
 #endif

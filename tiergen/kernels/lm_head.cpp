@@ -23,7 +23,6 @@ namespace {
 
 using tiergen::amx_ready;
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kRowChunk = 512;   // feature rows whose packed form stays in L2
 
 // The features h [N, K] in AMX's right-operand layout: block (nb, kb) row r holds, for rows
@@ -166,42 +165,14 @@ torch::Tensor argmax(const torch::Tensor& h, const torch::Tensor& w) {
 #if TIERGEN_HAVE_AMX
   check(h, w);
   const Features f(h);
-  const int64_t N = f.N, NP = f.NP, V = w.size(0);
-  // each thread's share: its best value and id per row (lane r % 16 of vector r / 16)
-  struct Best {
-    std::vector<float> val;
-    std::vector<int32_t> id;
-  };
-  std::vector<Best> shares(std::max<int64_t>(1, at::get_num_threads()));
+  const int64_t V = w.size(0);
+  tiergen::RowArgmax best(f.NP);
   for_blocks(f, w, [&](int64_t id0, int64_t r0, const float* c) {
-    Best& b = shares[at::get_thread_num()];
-    if (b.val.empty()) b.val.assign(NP, kNegInf), b.id.assign(NP, 0);
-    const int64_t n = std::min<int64_t>(32, V - id0);
-    for (int64_t half = 0; half < 2; ++half) {
-      float* bv = b.val.data() + r0 + 16 * half;
-      int32_t* bi = b.id.data() + r0 + 16 * half;
-      __m512 vmax = _mm512_loadu_ps(bv);
-      __m512i vidx = _mm512_loadu_si512(bi);
-      for (int64_t i = 0; i < n; ++i) {   // ids in increasing order: strict > keeps a row's first
-        const __m512 x = _mm512_loadu_ps(c + i * 32 + 16 * half);
-        const __mmask16 gt = _mm512_cmp_ps_mask(x, vmax, _CMP_GT_OQ);
-        vmax = _mm512_mask_mov_ps(vmax, gt, x);
-        vidx = _mm512_mask_mov_epi32(vidx, gt, _mm512_set1_epi32((int)(id0 + i)));
-      }
-      _mm512_storeu_ps(bv, vmax);
-      _mm512_storeu_si512(bi, vidx);
-    }
+    for (int64_t half = 0; half < 2; ++half)
+      best.update(r0 + 16 * half, id0, std::min<int64_t>(32, V - id0),
+                  [&](int64_t i) { return _mm512_loadu_ps(c + i * 32 + 16 * half); });
   });
-  int64_t* ap = arg.data_ptr<int64_t>();
-  for (int64_t r = 0; r < N; ++r) {
-    float best = kNegInf;
-    int64_t id = -1;
-    for (const Best& b : shares) {
-      if (b.val.empty() || b.val[r] == kNegInf) continue;
-      if (id < 0 || b.val[r] > best || (b.val[r] == best && b.id[r] < id)) best = b.val[r], id = b.id[r];
-    }
-    ap[r] = id < 0 ? 0 : id;   // all -inf: the first id
-  }
+  best.write(arg.data_ptr<int64_t>(), f.N);
 #else
   TORCH_CHECK(false, "lm_head: built without AMX");
 #endif

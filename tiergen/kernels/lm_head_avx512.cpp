@@ -27,7 +27,6 @@
 #if TIERGEN_HAVE_KERNEL
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kIds = 24;    // weight rows per block
 constexpr int kVecs = 4;    // vectors of 16 feature rows per block, at most
 // Ids per pass over a block's rows with R vectors of features: 24 sums in registers (plus R
@@ -283,41 +282,13 @@ torch::Tensor argmax(const torch::Tensor& h, const torch::Tensor& w) {
 #if TIERGEN_HAVE_KERNEL
   check(h, w);
   const Features f(h);
-  const int64_t N = f.N, NP = 16 * f.NB, V = w.size(0);
-  // each thread's share: its best value and id per row
-  struct Best {
-    std::vector<float> val;
-    std::vector<int32_t> id;
-  };
-  std::vector<Best> shares(std::max<int64_t>(1, at::get_num_threads()));
+  const int64_t V = w.size(0);
+  tiergen::RowArgmax best(f.N);
   for_blocks(f, w, [&](int64_t id0, int64_t nb, int R, const __m512 (&acc)[kIds][kVecs]) {
-    Best& b = shares[at::get_thread_num()];
-    if (b.val.empty()) b.val.assign(NP, kNegInf), b.id.assign(NP, 0);
-    const int n = (int)std::min<int64_t>(kIds, V - id0);
-    for (int v = 0; v < R; ++v) {
-      float* bv = b.val.data() + 16 * (nb + v);
-      int32_t* bi = b.id.data() + 16 * (nb + v);
-      __m512 vmax = _mm512_loadu_ps(bv);
-      __m512i vidx = _mm512_loadu_si512(bi);
-      for (int i = 0; i < n; ++i) {   // ids in increasing order: strict > keeps a row's first
-        const __mmask16 gt = _mm512_cmp_ps_mask(acc[i][v], vmax, _CMP_GT_OQ);
-        vmax = _mm512_mask_mov_ps(vmax, gt, acc[i][v]);
-        vidx = _mm512_mask_mov_epi32(vidx, gt, _mm512_set1_epi32((int)(id0 + i)));
-      }
-      _mm512_storeu_ps(bv, vmax);
-      _mm512_storeu_si512(bi, vidx);
-    }
+    for (int v = 0; v < R; ++v)
+      best.update(16 * (nb + v), id0, std::min<int64_t>(kIds, V - id0), [&](int64_t i) { return acc[i][v]; });
   });
-  int64_t* ap = arg.data_ptr<int64_t>();
-  for (int64_t r = 0; r < N; ++r) {
-    float best = kNegInf;
-    int64_t id = -1;
-    for (const Best& b : shares) {
-      if (b.val.empty() || b.val[r] == kNegInf) continue;
-      if (id < 0 || b.val[r] > best || (b.val[r] == best && b.id[r] < id)) best = b.val[r], id = b.id[r];
-    }
-    ap[r] = id < 0 ? 0 : id;   // all -inf: the first id
-  }
+  best.write(arg.data_ptr<int64_t>(), f.N);
 #else
   TORCH_CHECK(false, "lm_head: built without AVX-512 BF16");
 #endif
