@@ -270,6 +270,14 @@ def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
     kernels._clear_stale_lock(tmp_path)                   # and no lock at all is fine
 
 
+def test_a_kernel_for_a_missing_cpu_feature_is_not_built(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: "flags\t\t: fpu avx512f avx512_bf16")
+    for name in kernels.REQUIRES:
+        assert kernels._build(name) is None
+    assert not (tmp_path / "tiergen").exists()            # not even a build dir was made
+
+
 def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("TIERGEN_KERNELS", "0")
     assert kernels.load("decode_attention") is None and kernels.for_bf16("rowwise", torch.ones(2).bfloat16()) is None

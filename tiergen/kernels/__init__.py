@@ -28,6 +28,9 @@ BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention",
             torch.float32: ("decode_attention_f32",)}
 # the LM head's kernels, the first that serves taken: AMX tiles, else AVX-512 BF16 dot products
 HEAD_KERNELS = ("lm_head", "lm_head_avx512")
+# the CPU flag each kernel needs beyond AVX-512 BF16: without it the build is not even tried
+# (a first run on a CPU without AMX would spend a minute building two kernels it cannot use)
+REQUIRES = {"lm_head": "amx_bf16", "linear": "amx_bf16"}
 # -march=native: the kernel is built on and for the machine that runs it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -78,6 +81,8 @@ def _clear_stale_lock(where: Path, max_age_s: float = 600.0) -> None:
 
 
 def _build(name: str) -> ModuleType | None:
+    if name in REQUIRES and REQUIRES[name] not in cpu_flags().split():
+        return None
     src = SOURCES[name]
     # one build per source, flags, torch and CPU: a changed kernel never loads a stale build, and
     # a cache shared by machines never hands one a build for another's instruction set
