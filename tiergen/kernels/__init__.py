@@ -24,7 +24,8 @@ SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
            "lm_head_avx512": Path(__file__).with_name("lm_head_avx512.cpp"),
            "linear": Path(__file__).with_name("linear.cpp")}
 # the kernels each compute dtype calls (the float32 ones need only AVX2 and FMA)
-BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "lm_head", "linear"),
+# (the LM head's: HEAD_KERNELS, tried in turn by head_kernel)
+BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "linear"),
             torch.float32: ("decode_attention_f32",)}
 # the LM head's kernels, the first that serves taken: AMX tiles, else AVX-512 BF16 dot products
 HEAD_KERNELS = ("lm_head", "lm_head_avx512")

@@ -5,8 +5,11 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -81,6 +84,24 @@ inline void transpose16(__m512i* r) {
     r[4 + m] = _mm512_shuffle_i32x4(odd0, odd1, _MM_SHUFFLE(2, 0, 2, 0));
     r[12 + m] = _mm512_shuffle_i32x4(odd0, odd1, _MM_SHUFFLE(3, 1, 3, 1));
   }
+}
+
+// acc += the bfloat16 pair ``pair`` (dim 2p in its low half) times each pair of x, lane by lane
+inline __m512 dot_pair(__m512 acc, uint32_t pair, __m512i x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)pair), (__m512bh)x);
+}
+
+// the bfloat16 pair at p (any alignment) as dot_pair takes it
+inline uint32_t pair_at(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Bytes of this core's L2 (sysconf), or ``fallback`` where the system does not say.
+inline int64_t l2_bytes(int64_t fallback) {
+  static const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return l2 > 0 ? (int64_t)l2 : fallback;
 }
 
 // the first n (<= 32) bfloat16 words of a 64-byte row

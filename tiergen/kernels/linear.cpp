@@ -260,11 +260,8 @@ int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
 // threads split the rows; split by columns, x's panel may take half (a 2,048-wide layer at 256
 // rows in one panel instead of two: 0.77 -> 0.96x oneDNN).
 int64_t l2_quarter() {
-  static const int64_t bytes = [] {
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return l2 > 0 ? std::max<int64_t>(l2 / 4, 128 << 10) : int64_t{512} << 10;
-  }();
-  return bytes;
+  const int64_t l2 = tiergen::l2_bytes(0);
+  return l2 > 0 ? std::max<int64_t>(l2 / 4, 128 << 10) : int64_t{512} << 10;
 }
 
 // Row blocks of 32 in a panel of ``bytes`` of x: every thread reads all of x's panel for each of

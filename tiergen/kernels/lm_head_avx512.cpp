@@ -16,11 +16,7 @@
 
 #include "common.h"
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 
@@ -88,16 +84,12 @@ struct IdBlock {
     for (int64_t i = 0; i < n; ++i) {   // what is left: little-endian, so dim 2p is the low half
       const uint16_t* row = w + (id0 + i) * rs;
       uint32_t* dst = pairs.data() + i;
-      for (int64_t p = p0; p < P; ++p) std::memcpy(dst + kIds * p, row + 2 * p, 4);
+      for (int64_t p = p0; p < P; ++p) dst[kIds * p] = tiergen::pair_at(row + 2 * p);
       if (K % 2) dst[kIds * (KP - 1)] = row[K - 1];
     }
   }
   const uint32_t* at(int64_t p) const { return pairs.data() + kIds * p; }
 };
-
-inline __m512 dot(__m512 acc, uint32_t pair, __m512i x) {
-  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32((int)pair), (__m512bh)x);
-}
 
 // acc[g + i][v] for i < I: logits of id id0 + g + i for the 16 rows of block nb + v, v < R. The
 // sums are locals until the end: __m512 may alias anything, so sums kept in acc would go
@@ -121,7 +113,7 @@ inline void pass(const Features& f, const IdBlock& w, int64_t nb, int g, __m512 
     for (int i = 0; i < I; ++i) {
       const uint32_t pair = ws[i];
 #pragma GCC unroll 4
-      for (int v = 0; v < R; ++v) a[i][v] = dot(a[i][v], pair, x[v]);
+      for (int v = 0; v < R; ++v) a[i][v] = tiergen::dot_pair(a[i][v], pair, x[v]);
     }
   }
 #pragma GCC unroll 24
@@ -150,15 +142,9 @@ inline void prefetch_rows(const uint16_t* w, int64_t V, int64_t K, int64_t rs, i
 // Feature rows per chunk: their packed form takes at most half of L2, so it stays there while
 // the thread's share of the vocabulary passes (at least one 64-row block).
 int64_t row_chunk_blocks(int64_t stride) {
-  static const int64_t l2 = [] {
-    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return b > 0 ? (int64_t)b : int64_t{1} << 20;
-  }();
-  return std::max<int64_t>(kVecs, l2 / 2 / (stride * 4) / kVecs * kVecs);
+  return std::max<int64_t>(kVecs, tiergen::l2_bytes(int64_t{1} << 20) / 2 / (stride * 4) / kVecs * kVecs);
 }
 
-// Runs fn(id0, nb, R, acc) over every block of kIds ids x R * 16 rows, the vocabulary split
-// between the threads (each reads its share of the weight once per chunk of rows).
 // The few-rows form: sums of 32 dims at a time of I ids' rows and NR feature rows, as they are
 // stored, reduced at the end into t[g + i][n] (the logit of id id0 + g + i for row r0 + n).
 template <int NR, int I>
@@ -204,6 +190,8 @@ inline void few_block(const Features& f, const uint16_t* w, int64_t rs, int64_t 
   for (int i = 0; i < kIds; ++i) acc[i][0] = _mm512_load_ps(t[i]);
 }
 
+// Runs fn(id0, nb, R, acc) over every block of kIds ids x R * 16 rows, the vocabulary split
+// between the threads (each reads its share of the weight once per chunk of rows).
 template <typename Fn>
 void for_blocks(const Features& f, const torch::Tensor& w, Fn&& fn) {
   const int64_t V = w.size(0), K = w.size(1), rs = w.stride(0);

@@ -13,7 +13,6 @@
 #include "amx.h"
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -180,12 +179,6 @@ void value_tiles(const Args& a, Scratch& w, int64_t dd0, int64_t kp0, int64_t kp
 
 #endif  // TIERGEN_HAVE_AMX
 
-inline __m512 dot(__m512 acc, const void* pair, __m512i x) {   // acc += (both halves of pair) . x
-  int32_t v;
-  std::memcpy(&v, pair, 4);
-  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(v), (__m512bh)x);
-}
-
 // score_tiles without AMX: 4 query rows x N key blocks of sums a pass, each step one dim pair
 // of 4 rows broadcast against the same pair of 16 keys (a row of the packed key block).
 template <int N>
@@ -202,7 +195,7 @@ void score_dots(const Args& a, const uint16_t* qrows, int64_t qstride, Scratch& 
         for (int n = 0; n < N; ++n) k[n] = _mm512_loadu_si512(w.kt.data() + ((kb0 + n) * DB + db) * 256 + 16 * r);
         for (int i = 0; i < 4; ++i) {
           const char* pair = q + (t + i) * qstride + (32 * db + 2 * r) * 2;
-          for (int n = 0; n < N; ++n) acc[i][n] = dot(acc[i][n], pair, k[n]);
+          for (int n = 0; n < N; ++n) acc[i][n] = tiergen::dot_pair(acc[i][n], tiergen::pair_at(pair), k[n]);
         }
       }
     for (int i = 0; i < 4; ++i)
@@ -225,7 +218,7 @@ void value_dots(const Args& a, Scratch& w, int64_t dd0, int64_t kp0, int64_t kp1
         for (int n = 0; n < N; ++n) v[n] = _mm512_loadu_si512(w.vv.data() + (kp * DB16 + dd0 + n) * 512 + 32 * r);
         for (int i = 0; i < 4; ++i) {
           const uint16_t* pair = w.p.data() + (t + i) * w.SP32 + 32 * kp + 2 * r;
-          for (int n = 0; n < N; ++n) acc[i][n] = dot(acc[i][n], pair, v[n]);
+          for (int n = 0; n < N; ++n) acc[i][n] = tiergen::dot_pair(acc[i][n], tiergen::pair_at(pair), v[n]);
         }
       }
     for (int i = 0; i < 4; ++i)
@@ -262,7 +255,7 @@ void value_sums(const Args& a, Scratch& w, int64_t dd0, int64_t kp0, int64_t kp1
 
 // Query rows t0 .. t0 + 15 of query head h over the packed keys and values of its pair.
 void attend_block(const Args& a, int64_t b, int64_t h, int64_t t0, Scratch& w) {
-  const int64_t rows = std::min<int64_t>(16, a.T - t0), D = a.D, DB = D / 32, DB16 = D / 16;
+  const int64_t rows = std::min<int64_t>(16, a.T - t0), D = a.D, DB16 = D / 16;
   // the key blocks any row may see
   int64_t lo = a.S, hi = 0;
   for (int64_t i = 0; i < rows; ++i)
