@@ -1,9 +1,9 @@
-"""One decoder layer's four products, the AMX tile kernel against oneDNN, side by side.
+"""One decoder layer's four products, tiergen's product kernel against oneDNN, side by side.
 
 The products of a Llama-family layer as tiergen runs them: Q/K/V as one, O plus the
 residual, gate and up as one with SiLU(g) * u, down plus the residual. oneDNN gets its
-packed weights and the SiLU pass it needs after (tiergen/kernels/rowwise.cpp); the tile
-kernel (tiergen/kernels/linear.cpp) gets its tiled weights and does the SiLU and the
+packed weights and the SiLU pass it needs after (tiergen/kernels/rowwise.cpp); the kernel
+(tiergen/kernels/linear.cpp on AMX, linear_avx512.cpp on AVX-512 BF16) gets its packed weights and does the SiLU and the
 residual in its epilogue. Everything is in cache (the same inputs every call), the two
 alternate, and each figure is the best of ``--repeats`` calls.
 
@@ -35,9 +35,9 @@ def main() -> int:
     from tiergen import kernels
     from tiergen.weights import prepack, tiles
     if not tiles.serves(torch.bfloat16):
-        print("no AMX tile kernel on this CPU: nothing to compare", file=sys.stderr)
+        print("no bfloat16 product kernel on this CPU: nothing to compare", file=sys.stderr)
         return 1
-    lin, rw = kernels.load("linear"), kernels.load("rowwise")
+    lin, rw = kernels.linear_kernel(), kernels.load("rowwise")
     E, F, D = a.hidden, a.ffn, a.head_dim
     shapes = {"qkv": ((a.heads + 2 * a.kv_heads) * D, E), "o": (E, a.heads * D), "gate_up": (2 * F, E),
               "down": (E, F)}
@@ -45,8 +45,8 @@ def main() -> int:
     tiled = {k: tiles.TilePacked((torch.randn(n, k_, generator=g) * 0.02).bfloat16()) for k, (n, k_) in shapes.items()}
     packed = {k: prepack.pack(t.dense()) for k, t in tiled.items()}
     print(f"layer: hidden {E}, ffn {F}, {a.heads} heads / {a.kv_heads} K/V heads of {D}; "
-          f"{torch.get_num_threads()} threads")
-    print("rows | oneDNN + SiLU pass (us) | tiles (us) | oneDNN / tiles")
+          f"{torch.get_num_threads()} threads; kernel {lin.__name__.removeprefix('tiergen_').rsplit('_', 1)[0]}")
+    print("rows | oneDNN + SiLU pass (us) | kernel (us) | oneDNN / kernel")
     for m in a.rows:
         x = {k: torch.randn(m, k_, generator=g).bfloat16() for k, (_, k_) in shapes.items()}
         res = torch.randn(m, E, generator=g).bfloat16()

@@ -22,13 +22,16 @@ SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
            "prefill_attention": Path(__file__).with_name("prefill_attention.cpp"),
            "lm_head": Path(__file__).with_name("lm_head.cpp"),
            "lm_head_avx512": Path(__file__).with_name("lm_head_avx512.cpp"),
-           "linear": Path(__file__).with_name("linear.cpp")}
+           "linear": Path(__file__).with_name("linear.cpp"),
+           "linear_avx512": Path(__file__).with_name("linear_avx512.cpp")}
 # the kernels each compute dtype calls (the float32 ones need only AVX2 and FMA)
-# (the LM head's: HEAD_KERNELS, tried in turn by head_kernel)
-BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention", "linear"),
+# (the LM head's and the layer products': HEAD_KERNELS and LINEAR_KERNELS, each tried in turn)
+BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention"),
             torch.float32: ("decode_attention_f32",)}
 # the LM head's kernels, the first that serves taken: AMX tiles, else AVX-512 BF16 dot products
 HEAD_KERNELS = ("lm_head", "lm_head_avx512")
+# the layer products' kernels (one packed weight layout for both), tried in the same way
+LINEAR_KERNELS = ("linear", "linear_avx512")
 # the CPU flag each kernel needs beyond AVX-512 BF16: without it the build is not even tried
 # (a first run on a CPU without AMX would spend a minute building two kernels it cannot use)
 REQUIRES = {"lm_head": "amx_bf16", "linear": "amx_bf16"}
@@ -118,13 +121,21 @@ def for_bf16(name: str, *tensors: torch.Tensor) -> ModuleType | None:
     return for_dtype(torch.bfloat16, name, *tensors)
 
 
+def first_of(names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that builds and serves here, or None."""
+    return next((name for name in names if load(name) is not None), None)
+
+
 def head_kernel() -> ModuleType | None:
     """The bfloat16 LM head kernel this CPU runs (float32 logits), or None."""
-    for name in HEAD_KERNELS:
-        mod = load(name)
-        if mod is not None:
-            return mod
-    return None
+    name = first_of(HEAD_KERNELS)
+    return None if name is None else load(name)
+
+
+def linear_kernel() -> ModuleType | None:
+    """The bfloat16 layer-product kernel this CPU runs (weights/tiles.py), or None."""
+    name = first_of(LINEAR_KERNELS)
+    return None if name is None else load(name)
 
 
 def warm(host_compute: bool, dtype: torch.dtype) -> None:
@@ -135,3 +146,4 @@ def warm(host_compute: bool, dtype: torch.dtype) -> None:
             load(name)
         if dtype == torch.bfloat16:
             head_kernel()
+            linear_kernel()

@@ -19,6 +19,7 @@
 // the same tiles in the same order whatever the batch, so its result does not depend on the
 // other rows.
 #include "amx.h"
+#include "tile_pack.h"
 
 #include <unistd.h>
 
@@ -28,35 +29,16 @@
 
 namespace {
 
+using tiergen::blocks_of;
+
 #if TIERGEN_HAVE_AMX
 using tiergen::load_bf16;
 using tiergen::store_bf16;
 using tiergen::tail;
+using tiergen::kTile;
+using tiergen::pack_into;
 
-constexpr int64_t kTile = 512;   // bfloat16 words in a 16 x 32 tile
 constexpr int64_t kRowSplitBlocks = 16;   // row blocks a thread needs before the threads split the rows
-
-// The inverse: one n block's tiles back into rows w[0 .. n).
-void unpack_block(const uint16_t* src, int64_t n, int64_t K, int64_t KB, uint16_t* w, int64_t rs) {
-  for (int64_t kb = 0; kb < KB; ++kb, src += kTile) {
-    const __mmask32 m = tiergen::first_words(K - 32 * kb);
-    __m512i r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + 32 * i);
-    tiergen::transpose16(r);
-    for (int64_t i = 0; i < n; ++i) _mm512_mask_storeu_epi16(w + i * rs + 32 * kb, m, r[i]);
-  }
-}
-
-// w [N, K] into blocks [NB, KB, 16, 32]; zeros past N or K.
-void pack_into(const torch::Tensor& w, uint16_t* dst, int64_t NB, int64_t KB) {
-  const int64_t N = w.size(0), K = w.size(1), rs = w.stride(0);
-  const uint16_t* wp = (const uint16_t*)w.data_ptr();
-  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb)
-      tiergen::pack_right_tiles(wp + std::min(16 * nb, N) * rs, rs, std::clamp<int64_t>(N - 16 * nb, 0, 16), K, KB,
-                                dst + nb * KB * kTile);
-  });
-}
 
 // A block whose sums are stored but not yet through the epilogue: its rows go through it a
 // few at a time while the next block's tile products run.
@@ -254,8 +236,6 @@ struct Product {
 };
 #endif
 
-int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
-
 // A quarter of L2: what x's panel and a group of column pairs' tiles are each kept to when the
 // threads split the rows; split by columns, x's panel may take half (a 2,048-wide layer at 256
 // rows in one panel instead of two: 0.77 -> 0.96x oneDNN).
@@ -271,45 +251,7 @@ int64_t panel_blocks(int64_t KP, int64_t bytes) { return std::max<int64_t>(1, by
 // Column pairs in a group (two n blocks of KB 1 KiB tiles each).
 int64_t group_pairs(int64_t KB) { return std::max<int64_t>(1, l2_quarter() / (2048 * KB)); }
 
-void check_weight(const torch::Tensor& w) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.stride(1) == 1 && w.size(0) > 0 && w.size(1) > 0,
-              "linear: a bfloat16 weight [N, K] with unit last stride expected");
-}
-
 }  // namespace
-
-// w [N, K] bfloat16 (unit last stride) as tile blocks [NB, KB, 16, 32], NB = 2 ceil(N / 32),
-// KB = ceil(K / 32): the form ``linear`` reads without packing it again.
-torch::Tensor pack(const torch::Tensor& w) {
-  check_weight(w);
-  auto out = torch::empty({2 * blocks_of(w.size(0), 32), blocks_of(w.size(1), 32), 16, 32}, w.options());
-#if TIERGEN_HAVE_AMX
-  pack_into(w, (uint16_t*)out.data_ptr(), out.size(0), out.size(1));
-#else
-  TORCH_CHECK(false, "linear: built without AMX");
-#endif
-  return out;
-}
-
-// The plain weight [n, k] that ``pack`` made ``blocks`` of.
-torch::Tensor unpack(const torch::Tensor& blocks, int64_t n, int64_t k) {
-  TORCH_CHECK(blocks.scalar_type() == at::kBFloat16 && blocks.is_contiguous() && blocks.dim() == 4 && n > 0 && k > 0 &&
-              blocks.size(0) == 2 * blocks_of(n, 32) && blocks.size(1) == blocks_of(k, 32) && blocks.size(2) == 16 &&
-              blocks.size(3) == 32, "linear: packed blocks of an [n, k] weight expected");
-  auto w = torch::empty({n, k}, blocks.options());
-#if TIERGEN_HAVE_AMX
-  const int64_t KB = blocks.size(1);
-  const uint16_t* src = (const uint16_t*)blocks.data_ptr();
-  uint16_t* wp = (uint16_t*)w.data_ptr();
-  at::parallel_for(0, blocks_of(n, 16), 4, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb)
-      unpack_block(src + nb * KB * kTile, std::min<int64_t>(16, n - 16 * nb), k, KB, wp + 16 * nb * k, k);
-  });
-#else
-  TORCH_CHECK(false, "linear: built without AMX");
-#endif
-  return w;
-}
 
 // x [M, K] times w^T, w [n, K] plain or packed (``pack``). gated: w = (g | u) with n = 2F, F a
 // multiple of 16, and the result silu(g) * u [M, F]; otherwise x w^T + bias (+ other [M, n]).
@@ -317,20 +259,8 @@ torch::Tensor unpack(const torch::Tensor& blocks, int64_t n, int64_t k) {
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
                      const std::optional<torch::Tensor>& other, bool gated, bool out_float) {
   TORCH_CHECK(tiergen::amx_ready(), "linear: AMX is not available to this process");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0,
-              "linear: bfloat16 x [M, K] with unit last stride expected");
+  const bool packed = tiergen::check_product(x, w, n, bias, other, gated);
   const int64_t M = x.size(0), K = x.size(1), KB = blocks_of(K, 32), N = n, NB = 2 * blocks_of(N, 32);
-  const bool packed = w.dim() == 4;
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && N > 0 &&
-              (packed ? w.is_contiguous() && w.size(0) == NB && w.size(1) == KB && w.size(2) == 16 && w.size(3) == 32
-                      : w.dim() == 2 && w.stride(1) == 1 && w.size(0) == N && w.size(1) == K),
-              "linear: a bfloat16 weight [n, K], or its packed blocks, matching x expected");
-  TORCH_CHECK(!gated || (N % 32 == 0 && !other), "linear: a gated product needs n = 2F, F a multiple of 16, and no residual");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == N),
-              "linear: a bfloat16 bias [n] expected");
-  TORCH_CHECK(!other || (other->scalar_type() == at::kBFloat16 && other->is_contiguous() && other->dim() == 2 &&
-                         other->size(0) == M && other->size(1) == N),
-              "linear: a contiguous bfloat16 residual [M, n] expected");
   const int64_t cols = gated ? N / 2 : N;
   auto out = torch::empty({M, cols}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
 #if TIERGEN_HAVE_AMX
@@ -371,8 +301,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, 
 // The kernels touch no Python object, so other Python threads run meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &tiergen::amx_ready, "whether this build and this process can use the kernel (AMX BF16)");
-  m.def("pack", &pack, "a bfloat16 weight in the kernel's tile layout", py::call_guard<py::gil_scoped_release>());
-  m.def("unpack", &unpack, "the plain weight of packed tiles", py::call_guard<py::gil_scoped_release>());
+  m.def("pack", &tiergen::pack, "a bfloat16 weight in the kernel's tile layout", py::call_guard<py::gil_scoped_release>());
+  m.def("unpack", &tiergen::unpack, "the plain weight of packed tiles", py::call_guard<py::gil_scoped_release>());
   m.def("linear", &linear, "x w^T with a fused epilogue, on AMX", py::arg("x"), py::arg("w"), py::arg("n"),
         py::arg("bias") = py::none(), py::arg("other") = py::none(), py::arg("gated") = false,
         py::arg("out_float") = false, py::call_guard<py::gil_scoped_release>());

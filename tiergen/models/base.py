@@ -90,7 +90,7 @@ class Family:
 
 def linear(x: torch.Tensor, w: Any, b: torch.Tensor | None = None) -> torch.Tensor:
     fast = tiles.kernel_for(x, w)
-    if fast is not None:   # bfloat16 products on AMX (weights/tiles.py)
+    if fast is not None:   # bfloat16 products on AMX or AVX-512 BF16 (weights/tiles.py)
         return tiles.product(fast, x, w, b)
     w = tiles.plain(w)
     # a resident CPU weight packed at load, or a plain one at a dtype oneDNN packs: the same

@@ -264,7 +264,7 @@ class TieredWeights:
 
     def _maybe_pack(self, g: str | int, key: str, h: Home, t: torch.Tensor) -> Any:
         """A layer matrix the CPU computes with in place, at the compute dtype, is packed once:
-        as AMX tiles where the tile kernel serves (weights/tiles.py), else for oneDNN."""
+        in the tile layout where a product kernel serves (weights/tiles.py), else for oneDNN."""
         if not (isinstance(g, int) and h.quant is None and h.dtype == self.dtype and self.device.type == "cpu"
                 and t.dim() == 2):
             return t
