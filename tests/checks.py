@@ -1,7 +1,7 @@
 """Assertions shared by the placement and compression grids, and the kernels' attention reference."""
 import torch
 
-from tiergen import LLM, Policy, SamplingParams
+from tiergen import LLM, Policy, SamplingParams, kernels
 
 
 def P(percent: list[float], bs: int = 2, k: int = 2, **kw) -> Policy:
@@ -49,3 +49,12 @@ def attention_reference(q, k, v, mask, scale):
     k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
     s = (q.double() @ k.transpose(-1, -2)) * scale
     return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def built_kernel(name: str, needs: str):
+    """Kernel module ``name``, or the test skipped where it cannot be built or used here."""
+    import pytest
+    mod = kernels.load(name)
+    if mod is None:
+        pytest.skip(f"{name} cannot be built or used here (needs a C++ compiler, ninja and {needs})")
+    return mod

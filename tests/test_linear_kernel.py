@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from tiergen import LLM, Policy, SamplingParams, kernels
 from tiergen.weights import tiles
 
+from checks import built_kernel
+
 NEEDS = {"linear": "AMX BF16", "linear_avx512": "AVX-512 BF16"}
 serving = pytest.mark.skipif(not tiles.serves(torch.bfloat16), reason="no bfloat16 product kernel on this CPU")
 
@@ -20,11 +22,7 @@ SHAPES = [(1, 64, 33), (5, 17, 5), (16, 32, 64), (17, 100, 70), (33, 960, 576), 
 
 @pytest.fixture(params=kernels.LINEAR_KERNELS)
 def mod(request):
-    m = kernels.load(request.param)
-    if m is None:
-        pytest.skip(f"{request.param} cannot be built or used here (needs a C++ compiler, ninja and "
-                    f"{NEEDS[request.param]})")
-    return m
+    return built_kernel(request.param, NEEDS[request.param])
 
 
 def operands(m: int, n: int, k: int, seed: int = 0):

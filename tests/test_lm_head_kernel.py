@@ -7,16 +7,14 @@ import torch
 from tiergen import kernels
 from tiergen.models.base import greedy_head, head, head_kernel
 
+from checks import built_kernel
+
 NEEDS = {"lm_head": "AMX BF16", "lm_head_avx512": "AVX-512 BF16"}
 
 
 @pytest.fixture(params=kernels.HEAD_KERNELS)
 def mod(request):
-    m = kernels.load(request.param)
-    if m is None:
-        pytest.skip(f"{request.param} cannot be built or used here (needs a C++ compiler, ninja and "
-                    f"{NEEDS[request.param]})")
-    return m
+    return built_kernel(request.param, NEEDS[request.param])
 
 
 class Plain:

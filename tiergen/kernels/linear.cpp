@@ -36,7 +36,6 @@ using tiergen::load_bf16;
 using tiergen::store_bf16;
 using tiergen::tail;
 using tiergen::kTile;
-using tiergen::pack_into;
 
 constexpr int64_t kRowSplitBlocks = 16;   // row blocks a thread needs before the threads split the rows
 
@@ -259,14 +258,12 @@ int64_t group_pairs(int64_t KB) { return std::max<int64_t>(1, l2_quarter() / (20
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
                      const std::optional<torch::Tensor>& other, bool gated, bool out_float) {
   TORCH_CHECK(tiergen::amx_ready(), "linear: AMX is not available to this process");
-  const bool packed = tiergen::check_product(x, w, n, bias, other, gated);
-  const int64_t M = x.size(0), K = x.size(1), KB = blocks_of(K, 32), N = n, NB = 2 * blocks_of(N, 32);
-  const int64_t cols = gated ? N / 2 : N;
-  auto out = torch::empty({M, cols}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
+  tiergen::check_product(x, w, n, bias, other, gated);
+  const int64_t M = x.size(0), K = x.size(1), KB = blocks_of(K, 32), N = n, cols = gated ? N / 2 : N;
+  auto out = tiergen::product_out(x, n, gated, out_float);
 #if TIERGEN_HAVE_AMX
   if (M == 0) return out;
-  const torch::Tensor blocks = packed ? w : torch::empty({NB, KB, 16, 32}, w.options());
-  if (!packed) pack_into(w, (uint16_t*)blocks.data_ptr(), NB, KB);
+  const torch::Tensor blocks = tiergen::weight_blocks(w, N, K);
   // rows past M (the last rows' tiles) and dims past K come from a zero-padded copy
   const uint16_t* xp = (const uint16_t*)x.data_ptr();
   int64_t xs = x.stride(0);
@@ -282,7 +279,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, 
   }
   const Product p{xp, last.empty() ? nullptr : last.data(), (const uint16_t*)blocks.data_ptr(),
                   bias ? (const uint16_t*)bias->data_ptr() : nullptr, other ? (const uint16_t*)other->data_ptr() : nullptr,
-                  out.data_ptr(), M, N, KB, MP, gated ? N / 32 : NB / 2, gated ? N / 32 : 0, xs, KP, cols,
+                  out.data_ptr(), M, N, KB, MP, gated ? N / 32 : blocks_of(N, 32), gated ? N / 32 : 0, xs, KP, cols,
                   panel_blocks(KP, l2_quarter()), panel_blocks(KP, 2 * l2_quarter()), group_pairs(KB), out_float};
   // With a panel and 512 rows or more for each thread, the threads split the rows: each reads
   // only its own rows of x, which the op before wrote from the same thread (x read across cores

@@ -164,14 +164,12 @@ struct Product {
 // (+ other [M, n]). float32 out where out_float, else bfloat16.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n, const std::optional<torch::Tensor>& bias,
                      const std::optional<torch::Tensor>& other, bool gated, bool out_float) {
-  const bool packed = tiergen::check_product(x, w, n, bias, other, gated);
-  const int64_t M = x.size(0), K = x.size(1), KB = blocks_of(K, 32), N = n, NB = 2 * blocks_of(N, 32);
-  const int64_t cols = gated ? N / 2 : N;
-  auto out = torch::empty({M, cols}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
+  tiergen::check_product(x, w, n, bias, other, gated);
+  const int64_t M = x.size(0), K = x.size(1), KB = blocks_of(K, 32), N = n, cols = gated ? N / 2 : N;
+  auto out = tiergen::product_out(x, n, gated, out_float);
 #if TIERGEN_HAVE_KERNEL
   if (M == 0) return out;
-  const torch::Tensor blocks = packed ? w : torch::empty({NB, KB, 16, 32}, w.options());
-  if (!packed) tiergen::pack_into(w, (uint16_t*)blocks.data_ptr(), NB, KB);
+  const torch::Tensor blocks = tiergen::weight_blocks(w, N, K);
   const Product p{(const uint16_t*)x.data_ptr(), (const uint16_t*)blocks.data_ptr(),
                   bias ? (const uint16_t*)bias->data_ptr() : nullptr, other ? (const uint16_t*)other->data_ptr() : nullptr,
                   out.data_ptr(), M, N, K, KB, gated ? N / 32 : blocks_of(N, 16), gated ? N / 32 : 0, x.stride(0), cols,

@@ -77,8 +77,8 @@ inline torch::Tensor unpack(const torch::Tensor& blocks, int64_t n, int64_t k) {
   return w;
 }
 
-// The checks both kernels make of linear(x, w, n, bias, other, gated, out_float); whether w is packed.
-inline bool check_product(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+// The checks both kernels make of linear(x, w, n, bias, other, gated, out_float).
+inline void check_product(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                           const std::optional<torch::Tensor>& bias, const std::optional<torch::Tensor>& other,
                           bool gated) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1 && x.size(1) > 0,
@@ -95,7 +95,22 @@ inline bool check_product(const torch::Tensor& x, const torch::Tensor& w, int64_
   TORCH_CHECK(!other || (other->scalar_type() == at::kBFloat16 && other->is_contiguous() && other->dim() == 2 &&
                          other->size(0) == M && other->size(1) == N),
               "linear: a contiguous bfloat16 residual [M, n] expected");
-  return packed;
 }
+
+// linear's output: [M, n] (gated: [M, n / 2]), float32 or bfloat16.
+inline torch::Tensor product_out(const torch::Tensor& x, int64_t n, bool gated, bool out_float) {
+  return torch::empty({x.size(0), gated ? n / 2 : n}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
+}
+
+#if TIERGEN_HAVE_KERNEL
+// The blocks of w [n, k]: w itself where it is packed, else packed now (a streamed weight, each call).
+inline torch::Tensor weight_blocks(const torch::Tensor& w, int64_t n, int64_t k) {
+  if (w.dim() == 4) return w;
+  const int64_t NB = 2 * blocks_of(n, 32), KB = blocks_of(k, 32);
+  auto blocks = torch::empty({NB, KB, 16, 32}, w.options());
+  pack_into(w, (uint16_t*)blocks.data_ptr(), NB, KB);
+  return blocks;
+}
+#endif
 
 }  // namespace tiergen
