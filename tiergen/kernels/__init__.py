@@ -23,18 +23,20 @@ SOURCES = {"decode_attention": Path(__file__).with_name("decode_attention.cpp"),
            "lm_head": Path(__file__).with_name("lm_head.cpp"),
            "lm_head_avx512": Path(__file__).with_name("lm_head_avx512.cpp"),
            "linear": Path(__file__).with_name("linear.cpp"),
-           "linear_avx512": Path(__file__).with_name("linear_avx512.cpp")}
+           "linear_avx512": Path(__file__).with_name("linear_avx512.cpp"),
+           "head_screen": Path(__file__).with_name("head_screen.cpp")}
 # the kernels each compute dtype calls (the float32 ones need only AVX2 and FMA)
 # (the LM head's and the layer products': HEAD_KERNELS and LINEAR_KERNELS, each tried in turn)
 BY_DTYPE = {torch.bfloat16: ("decode_attention", "rowwise", "prefill_attention"),
             torch.float32: ("decode_attention_f32",)}
 # the LM head's kernels, the first that serves taken: AMX tiles, else AVX-512 BF16 dot products
 HEAD_KERNELS = ("lm_head", "lm_head_avx512")
+# (head_screen: the AVX-512 head's greedy argmax screened in int8, weights/screen.py)
 # the layer products' kernels (one packed weight layout for both), tried in the same way
 LINEAR_KERNELS = ("linear", "linear_avx512")
 # the CPU flag each kernel needs beyond AVX-512 BF16: without it the build is not even tried
 # (a first run on a CPU without AMX would spend a minute building two kernels it cannot use)
-REQUIRES = {"lm_head": "amx_bf16", "linear": "amx_bf16"}
+REQUIRES = {"lm_head": "amx_bf16", "linear": "amx_bf16", "head_screen": "avx512_vnni"}
 # -march=native: the kernel is built on and for the machine that runs it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -145,5 +147,6 @@ def warm(host_compute: bool, dtype: torch.dtype) -> None:
         for name in BY_DTYPE.get(dtype, ()):
             load(name)
         if dtype == torch.bfloat16:
-            head_kernel()
+            if first_of(HEAD_KERNELS) == "lm_head_avx512":
+                load("head_screen")   # weights/screen.py: the AVX-512 head's greedy ids, screened
             linear_kernel()

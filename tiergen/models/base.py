@@ -14,7 +14,7 @@ import torch
 
 from .. import kernels
 from ..config import ModelConfig
-from ..weights import prepack, tiles
+from ..weights import prepack, screen, tiles
 from ..weights.fusion import Fusion, fuse_shapes
 
 Weights = dict[str, torch.Tensor]
@@ -182,7 +182,8 @@ def greedy_head(model: Model, w: Weights, x: torch.Tensor, slice_rows: int | Non
     h = model.head_features(w, x)
     fast = head_kernel(h, w["lm_head"])
     if fast is not None:   # the argmax of float32 logits, taken tile by tile (no [B,V] logits)
-        return fast.argmax(h, w["lm_head"])
+        ids = screen.greedy(h, w["lm_head"])   # the same ids, most logits only estimated in int8
+        return fast.argmax(h, w["lm_head"]) if ids is None else ids
     if slice_rows is None:
         return _vocab_logits(h, w["lm_head"]).argmax(-1)
     slices = prepack.row_slices(w["lm_head"], slice_rows)
