@@ -49,3 +49,31 @@ def test_sliced_greedy_head_is_argmax_of_full_logits(dtype):
     sliced = greedy_head(_Plain(), w, x, slice_rows=256)
     assert torch.equal(sliced, full)
     assert (sliced[:8] == 90).all() and (sliced[8:16] == 998).all()
+
+
+@pytest.mark.parametrize("name", ["opt", "opt350m", "llama_gqa", "qwen2"])
+def test_prompt_last_layer_works_on_last_positions_only(name, hf_model_dirs, monkeypatch):
+    """A prompt's last layer does the work after attention for each sequence's last position
+    only (the rest feeds nothing), and the tokens are those of the full pass."""
+    _, path = hf_model_dirs(name)
+    llm = LLM(path, dtype="float32", batch_size=2)      # two micro-batches
+    eng = llm.engine
+    seen = []
+    layer = eng.model.layer
+
+    def spy(w, x, ctx, kv):
+        out = layer(w, x, ctx, kv)
+        seen.append((ctx.last_only, x.shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(eng.model, "layer", spy)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=params)]
+    prompt = [s for s in seen if s[1] > 1]
+    assert prompt
+    assert [out for last, _, out in prompt if last] == [1] * (len(prompt) // llm.config.num_layers)
+    assert all(out == t for last, t, out in prompt if not last)
+    assert not any(last for last, t, _ in seen if t == 1)       # decode steps: every layer whole
+    full = eng.forward
+    monkeypatch.setattr(eng, "forward", lambda mbs, ids, pos, last_only=False: full(mbs, ids, pos))
+    assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, params=params)] == got

@@ -7,7 +7,7 @@ so a layer's weights are fetched once per block. Weights come from a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Protocol
 
 import torch
@@ -102,10 +102,12 @@ class Engine:
 
     # ------------------------------------------------------------- forward
     def forward(self, mbs: list[MicroBatch], ids: list[torch.Tensor],
-                positions: list[torch.Tensor]) -> list[torch.Tensor]:
+                positions: list[torch.Tensor], last_only: bool = False) -> list[torch.Tensor]:
         """Run new tokens ids[k] [B,T] of every micro-batch through all layers;
-        returns the last hidden states and advances each cache."""
+        returns the last hidden states and advances each cache. With ``last_only`` only each
+        sequence's last position is wanted: the last layer may return [B,1,E]."""
         ctxs = [self._context(mb, p, x.shape[1]) for mb, p, x in zip(mbs, positions, ids)]
+        last = [replace(c, last_only=True) for c in ctxs] if last_only else ctxs
         self.weights.release("head")
         emb = self.weights.group("embed")
         hidden = [self.model.embed(emb, x, c) for x, c in zip(ids, ctxs)]
@@ -122,7 +124,8 @@ class Engine:
             elif step.op == "load_cache":
                 mbs[k].cache.layer(j).prefetch(mbs[k].col, ids[k].shape[1])
             elif step.op == "compute":
-                out = self.model.layer(self.weights.group(j), acts[k].get(), ctxs[k], mbs[k].cache.layer(j))
+                ctx = last[k] if j == self.cfg.num_layers - 1 else ctxs[k]
+                out = self.model.layer(self.weights.group(j), acts[k].get(), ctx, mbs[k].cache.layer(j))
                 acts[k].put(out)
             elif step.op == "release_weight":
                 self.weights.release(j)
@@ -143,7 +146,7 @@ class Engine:
     def prefill_hidden(self, mbs: list[MicroBatch], ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """Prompt pass; returns the last position's hidden state [B,1,E] per micro-batch."""
         positions = [prompt_positions(mb, x.shape[1]) for mb, x in zip(mbs, ids)]
-        hidden = self.forward(mbs, ids, positions)
+        hidden = self.forward(mbs, ids, positions, last_only=True)
         return [h[:, -1:] for h in hidden]
 
     def decode_hidden(self, mbs: list[MicroBatch], tokens: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -33,12 +33,15 @@ class StepContext:
     over at most this many tokens at a time (None: all at once). On a CPU a
     chunk's intermediates then stay in cache instead of streaming through RAM;
     every token's result is the same either way.
+    ``last_only``: only each sequence's last position goes on (a prompt's last layer, whose
+    output feeds only the head): the work after attention may be done for it alone, [B,1,E] out.
     """
     positions: torch.Tensor
     start: int
     mask: torch.Tensor
     extra: dict[str, Any] = field(default_factory=dict)
     chunk_rows: int | None = None
+    last_only: bool = False
 
 
 class LayerKV(Protocol):
@@ -205,6 +208,16 @@ def greedy_head(model: Model, w: Weights, x: torch.Tensor, slice_rows: int | Non
             val, idx = logits.index_select(0, rows).max(-1)
             best[rows], arg[rows] = val, idx + c0
     return arg
+
+
+def rows_after_attention(o: torch.Tensor, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Attention's output o [B,T,H,D] and the layer's input x [B,T,E] as rows [B*T', .] for the
+    token-wise work after attention, and T': every position, or with ``ctx.last_only`` each
+    sequence's last (a prompt's last layer skips the output projection and MLP of the rest)."""
+    if ctx.last_only:
+        o, x = o[:, -1:], x[:, -1:]
+    B, T = o.shape[:2]
+    return o.reshape(B * T, -1), x.reshape(B * T, -1), T
 
 
 def row_chunks(n: int, chunk: int | None) -> list[slice]:

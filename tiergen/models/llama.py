@@ -6,7 +6,7 @@ import torch
 from .. import kernels
 from ..config import ModelConfig
 from .base import (Family, LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_add,
-                   linear_gated, register, row_chunks)
+                   linear_gated, register, row_chunks, rows_after_attention)
 from .rope import apply_rope_into, rope_cos_sin
 
 _L = r"(?:model\.)?layers\.(?P<i>\d+)\."
@@ -103,10 +103,10 @@ class Llama(Family):
             v[r] = vr.view(-1, Hkv, D)
         heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
                  v.view(B, T, Hkv, D).transpose(1, 2))
-        o = kv.attend(*heads, ctx).transpose(1, 2).reshape(n, H * D)
+        o, res, T = rows_after_attention(kv.attend(*heads, ctx).transpose(1, 2), x, ctx)
         out = []
-        for r in chunks:
-            y = linear_add(o[r], w["wo"], w.get("bo"), rows[r])
+        for r in row_chunks(B * T, ctx.chunk_rows):
+            y = linear_add(o[r], w["wo"], w.get("bo"), res[r])
             h = rms_norm(y, w["ffn_norm"], c.norm_eps)
             g = linear_gated(h, w["w_gate_up"], w.get("b_gate_up"), self.act)
             out.append(linear_add(g, w["w_down"], w.get("b_down"), y))

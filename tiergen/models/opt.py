@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .base import (Family, LayerKV, NameMap, StepContext, Weights, activation, join_rows, linear, linear_act, linear_add,
-                   register, row_chunks)
+                   register, row_chunks, rows_after_attention)
 
 # Learned position embeddings are offset by 2 (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -99,10 +99,10 @@ class OPT(Family):
         qkv = join_rows([linear(self._ln(rows[r], w, "ln1") if pre else rows[r], w["w_qkv"], w.get("b_qkv"))
                          for r in chunks])
         q, k, v = (t.view(B, T, c.num_heads, c.head_dim).transpose(1, 2) for t in qkv.chunk(3, -1))
-        o = kv.attend(q, k, v, ctx).transpose(1, 2).reshape(B * T, -1)
+        o, res, T = rows_after_attention(kv.attend(q, k, v, ctx).transpose(1, 2), x, ctx)
         out = []
-        for r in chunks:
-            y = linear_add(o[r], w["wo"], w.get("bo"), rows[r])
+        for r in row_chunks(B * T, ctx.chunk_rows):
+            y = linear_add(o[r], w["wo"], w.get("bo"), res[r])
             if not pre:
                 y = self._ln(y, w, "ln1")
             h = self._ln(y, w, "ln2") if pre else y
