@@ -7,6 +7,7 @@ kernel (tiergen/kernels/prefill_attention.cpp) against SDPA's CPU kernel, causal
 heads. The two of each pair alternate, every figure is the best of ``--repeats`` calls.
 
     python benchmarks/head_attention.py              # SmolLM2-135M's shapes, 256 x 64-token prompts
+                                                     # (and its int8-screened greedy head, on real text)
     python benchmarks/head_attention.py --vocab 128256 --hidden 2048 --heads 32 --kv-heads 8
 """
 from __future__ import annotations
@@ -52,6 +53,41 @@ def head(a: argparse.Namespace) -> None:
               f"({flop / t['oneDNN'] / 1e9:4.0f}): {t['oneDNN'] / t['kernel']:.2f}x")
 
 
+def screened_head(a: argparse.Namespace) -> None:
+    """The int8-screened greedy head (weights/screen.py) against the head kernel it reproduces,
+    on the embedded model's own head and final features of real text (the screen's work depends
+    on them: random features would say little)."""
+    from benchmarks.real_prompts import token_windows
+    from tiergen import LLM, SamplingParams, kernels
+    from tiergen.weights import screen
+    mod, plain = kernels.load("head_screen"), kernels.load("lm_head_avx512")
+    if mod is None or plain is None:
+        print("screened head: needs AVX-512 VNNI and BF16")
+        return
+    llm = LLM("smollm2-135m")
+    seen = []
+    orig = screen.greedy
+
+    def spy(h: torch.Tensor, w: torch.Tensor):
+        seen.append((h.clone(), w))
+        return orig(h, w)
+
+    screen.greedy = spy
+    try:
+        llm.generate(prompt_token_ids=token_windows(llm.tokenizer, 256, 64),
+                     params=SamplingParams(max_new_tokens=4, ignore_eos=True))
+    finally:
+        screen.greedy = orig
+    (first, w), (h, _) = seen[0], seen[-1]
+    sc = screen.Screen.make(w, first)
+    ids, candidates = sc.argmax(mod, h, w)
+    assert torch.equal(ids, plain.argmax(h, w))
+    t = alternate({"screen": lambda: sc.argmax(mod, h, w), "kernel": lambda: plain.argmax(h, w)}, a.repeats)
+    print(f"screened head {h.shape[0]} rows x {w.shape[1]} -> {w.shape[0]} (SmolLM2, real text): screen "
+          f"{t['screen'] * 1e3:.2f} ms ({candidates / h.shape[0]:.1f} candidates a row), head kernel "
+          f"{t['kernel'] * 1e3:.2f} ms: {t['kernel'] / t['screen']:.2f}x")
+
+
 def prompt_attention(a: argparse.Namespace) -> None:
     from tiergen import kernels
     mod = kernels.load("prefill_attention")
@@ -86,6 +122,8 @@ def main() -> int:
         return 1
     print(f"threads {torch.get_num_threads()}, head kernel {kernels.head_kernel().__name__}")
     head(a)
+    if a.hidden == 576 and a.vocab == 49152:
+        screened_head(a)
     prompt_attention(a)
     return 0
 
