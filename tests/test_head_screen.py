@@ -1,6 +1,6 @@
 """The greedy head screened in int8 (kernels/head_screen.cpp, weights/screen.py): the same ids as
 the AVX-512 head kernel's argmax on every shape, including ties, near ties and features with large
-outlier channels; when the screen is made, kept, remade and passed over."""
+outlier channels; when the screen is made, charged, kept, given back and passed over."""
 import pytest
 import torch
 
@@ -121,25 +121,43 @@ def test_real_text_screens_out_nearly_every_id(mods, smollm_path):
     assert candidates <= 64 * h.shape[0]
 
 
-def test_made_on_the_second_sight_of_an_unchanged_weight(mods, monkeypatch):
+def tier(budget=1 << 30):
+    from tiergen.tiers import Tier
+    return Tier("cpu", budget)
+
+
+def test_made_for_an_allowed_weight_and_charged_to_its_tier(mods, monkeypatch):
     mod, plain = mods
     monkeypatch.setattr(kernels, "first_of", lambda names: "lm_head_avx512")
     h, w = case(32, 400, 64, seed=4)
-    made = []
-    real_make = screen.Screen.make
-    monkeypatch.setattr(screen.Screen, "make", classmethod(lambda cls, w_, h_: made.append(1) or real_make(w_, h_)))
-    assert screen.greedy(h, w) is None                 # first sight: the plain kernel
-    assert torch.equal(screen.greedy(h, w), plain.argmax(h, w)) and len(made) == 1
-    assert torch.equal(screen.greedy(h * 2, w), plain.argmax(h * 2, w)) and len(made) == 1   # kept
-    w.mul_(-1)                                          # changed in place: seen anew
-    assert screen.greedy(h, w) is None
-    assert torch.equal(screen.greedy(h, w), plain.argmax(h, w)) and len(made) == 2
-    for _ in range(3):                                  # a streamed head: a new tensor each call
-        assert screen.greedy(h, w.clone()) is None
+    assert screen.greedy(h, w) is None                  # not allowed (a streamed head is never)
+    t = tier()
+    screen.allow(w, t)
+    assert torch.equal(screen.greedy(h, w), plain.argmax(h, w))
+    made = screen._allowed[id(w)].screen
+    assert made is not None and t.current == made.nbytes == screen.codes_bytes(400, 64) and screen.holding()
+    assert torch.equal(screen.greedy(h * 2, w), plain.argmax(h * 2, w))
+    assert screen._allowed[id(w)].screen is made and t.current == made.nbytes       # kept, charged once
+    screen.release_all()                                # a pass that does not fit otherwise: codes go
+    assert t.current == 0 and not screen.holding()
+    assert torch.equal(screen.greedy(h, w), plain.argmax(h, w)) and t.current == made.nbytes   # made again
     assert screen.greedy(h[:16], w) is None             # a batch the plain kernel sums otherwise
     bad = h.clone()
     bad[3, 5] = float("nan")
     assert screen.greedy(bad, w) is None                # not all finite: the plain kernel's rules
+    w.mul_(-1)                                          # changed in place: stale codes, given back
+    assert screen.greedy(h, w) is None and t.current == 0
+
+
+def test_not_made_where_its_codes_do_not_fit(mods, monkeypatch):
+    mod, plain = mods
+    monkeypatch.setattr(kernels, "first_of", lambda names: "lm_head_avx512")
+    h, w = case(32, 400, 64, seed=5)
+    t = tier(screen.codes_bytes(400, 64) - 1)
+    screen.allow(w, t)
+    assert screen.greedy(h, w) is None and t.current == 0
+    t.budget += 1                                       # room now: made at the next call
+    assert torch.equal(screen.greedy(h, w), plain.argmax(h, w)) and t.current == t.budget
 
 
 def test_switched_off_when_it_does_not_pay(mods, monkeypatch):
@@ -147,21 +165,42 @@ def test_switched_off_when_it_does_not_pay(mods, monkeypatch):
     monkeypatch.setattr(kernels, "first_of", lambda names: "lm_head_avx512")
     h, w = case(32, 400, 64, seed=6)
     h = torch.zeros_like(h)                             # every id a candidate of every row
-    screen.greedy(h, w)
+    t = tier()
+    screen.allow(w, t)
     for _ in range(screen.STRIKES):
         assert torch.equal(screen.greedy(h, w), plain.argmax(h, w))
-    assert screen.greedy(h, w) is None
+    assert screen.greedy(h, w) is None and t.current == 0
 
 
 def test_not_for_a_head_the_screen_does_not_reproduce(mods, monkeypatch):
     h, w = case(32, 400, 64, seed=7)
+    screen.allow(w, tier())
     monkeypatch.setattr(kernels, "first_of", lambda names: "lm_head")   # AMX: other sums
-    screen.greedy(h, w)
     assert screen.greedy(h, w) is None
     monkeypatch.setattr(kernels, "first_of", lambda names: "lm_head_avx512")
     monkeypatch.setattr(screen, "MAX_CODES_BYTES", 400 * 64 - 1)
-    screen.greedy(h, w)
     assert screen.greedy(h, w) is None
+
+
+def test_the_engine_allows_its_resident_head_only(mods, smollm_path, tmp_path):
+    from tiergen import LLM, Policy, SamplingParams
+    if kernels.first_of(kernels.HEAD_KERNELS) != "lm_head_avx512":
+        pytest.skip("this CPU's head kernel is not the AVX-512 one")
+    prompts = [f"Item {i}: the best" for i in range(24)]
+    llm = LLM(str(smollm_path))
+    head = llm.engine.weights.group("head")["lm_head"]
+    assert screen._allowed[id(head)].ref() is head
+    before = llm.memory_report()["tiers"]["gpu"]["current"]
+    a = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_new_tokens=3))]
+    made = screen._allowed[id(head)].screen
+    assert made is not None and llm.memory_report()["tiers"]["gpu"]["current"] - before >= made.nbytes
+    screen.release_all()
+    live = lambda: {k for k, e in screen._allowed.items() if e.ref() is not None}   # noqa: E731
+    allowed = live()
+    offloaded = LLM(str(smollm_path), policy=Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=str(tmp_path))
+    assert offloaded.engine.weights.homes["head"]["lm_head"].tier == "disk"
+    assert live() == allowed                             # on disk: streamed, never screened
+    assert [o.token_ids for o in offloaded.generate(prompts, SamplingParams(max_new_tokens=3))] == a
 
 
 class Plain:
@@ -174,9 +213,10 @@ def test_greedy_head_takes_the_screen(mods, monkeypatch):
     if kernels.head_kernel() is not plain:
         pytest.skip("this CPU's head kernel is not the AVX-512 one")
     h, w = case(64, 2000, 96, seed=8)
+    screen.allow(w, tier())
     calls = []
     real = screen.Screen.argmax
     monkeypatch.setattr(screen.Screen, "argmax", lambda self, *a: calls.append(1) or real(self, *a))
     for _ in range(3):
         assert torch.equal(greedy_head(Plain(), {"lm_head": w}, h), plain.argmax(h, w))
-    assert len(calls) == 2
+    assert len(calls) == 3

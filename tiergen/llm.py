@@ -21,6 +21,7 @@ from .sampling import SamplingParams
 from .sequence import Output, Sequence, Stopper
 from .tiers import Tiers, parse_bytes
 from .transfer import Mover
+from .weights import screen
 from .weights.source import resolve
 from .weights.tiered import TieredWeights
 
@@ -231,9 +232,10 @@ class LLM:
         try:
             self.tiers.check_fits(demand)
         except PolicyDoesNotFitError:
-            if not self.runtime.kept.bufs:
+            if not self.runtime.kept.bufs and not screen.holding():
                 raise
             self.runtime.kept.drop(self.tiers)   # the last call's cache buffers, kept for reuse, go first
+            screen.release_all()                 # and the greedy head's codes (made again where they fit)
             self.tiers.check_fits(demand)
         if self.device.type == "cpu":
             # a pass's freed scratch stays in the heap for the next layer, as far as the budget allows

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..errors import PolicyDoesNotFitError
+from ..tiers import Tier
 
 # Channels kept in bfloat16 (those largest on average in the first features seen): the rest
 # then share one int8 step per row, 4-5x finer than with them (SmolLM2: 3-6 candidates a row).
@@ -27,8 +29,11 @@ FEW_ROWS = 16
 # costs more than the screen saves.
 MAX_CANDIDATE_SHARE = 1 / 64
 STRIKES = 3
-# The int8 copy is memory outside the tiers' plan: a head larger than this keeps the plain kernel.
-MAX_CODES_BYTES = 128 << 20
+# A head with more codes than this keeps the plain kernel (the exact pass indexes the weight in
+# 32-bit offsets; the codes are charged to the head's tier in any case).
+MAX_CODES_BYTES = 1 << 30
+# Ids' blocks of 16 whose codes are made at a time.
+MAKE_BLOCKS = 256
 # Float32 rounding in the estimate, in the exact sums and in the bound itself, per input dim,
 # relative to max|e| * |x|_1 (twice the first-order bound; see head_screen.cpp).
 PANEL = 8   # feature rows a kernel step takes (head_screen.cpp's kRows)
@@ -47,6 +52,10 @@ class Screen:
     wo: torch.Tensor
     ids: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return codes_bytes(self.wq.shape[0] * 16, self.rest.numel() + self.outliers.numel())
+
     @classmethod
     def make(cls, w: torch.Tensor, h: torch.Tensor) -> Screen:
         V, K = w.shape
@@ -55,17 +64,22 @@ class Screen:
         keep = torch.ones(K, dtype=torch.bool)
         keep[outliers] = False
         rest = keep.nonzero()[:, 0]
-        wr = w.index_select(1, rest).float()
-        step, codes = _codes(wr)
-        l1 = step.double() * codes.abs().sum(-1).double() * _UP
-        em = w.float().abs().amax(-1)
         VB, KQ = -(-V // 16), -(-len(rest) // 4)
-        wq = torch.full((VB * 16, KQ * 4), 128, dtype=torch.uint8)
-        wq[:V, :len(rest)] = (codes.to(torch.int16) + 128).to(torch.uint8)
-        wq = wq.view(VB, 16, KQ, 4).permute(0, 2, 1, 3).contiguous()
-        wo = _pairs(w.index_select(1, outliers), VB * 16).view(VB, 16, -1).permute(0, 2, 1).contiguous()
+        wq = torch.empty(VB, KQ, 16, 4, dtype=torch.uint8)
+        wo = torch.empty(VB, n_out // 2, 16, dtype=torch.int32)
         ids = torch.zeros(3, VB * 16)
-        ids[0, :V], ids[1, :V], ids[2, :V] = step, l1.float(), em
+        for b0 in range(0, VB, MAKE_BLOCKS):   # a slice of ids at a time: little transient memory
+            b1 = min(VB, b0 + MAKE_BLOCKS)
+            r0, r1 = 16 * b0, min(V, 16 * b1)
+            part = w[r0:r1]
+            step, codes = _codes(part.index_select(1, rest).float())
+            padded = torch.full((16 * (b1 - b0), KQ * 4), 128, dtype=torch.uint8)
+            padded[:r1 - r0, :len(rest)] = (codes.to(torch.int16) + 128).to(torch.uint8)
+            wq[b0:b1] = padded.view(b1 - b0, 16, KQ, 4).transpose(1, 2)
+            wo[b0:b1] = _pairs(part.index_select(1, outliers), 16 * (b1 - b0)).view(b1 - b0, 16, -1).transpose(1, 2)
+            ids[0, r0:r1] = step
+            ids[1, r0:r1] = (step.double() * codes.abs().sum(-1).double() * _UP).float()
+            ids[2, r0:r1] = part.float().abs().amax(-1)
         return cls(rest, outliers, wq, wo, ids)
 
     def argmax(self, mod, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -86,6 +100,12 @@ class Screen:
         return mod.argmax(h, w, xq, xo, rows, self.wq, self.wo, self.ids)
 
 
+def codes_bytes(V: int, K: int) -> int:
+    """Bytes of a [V, K] head's screen: codes and outlier pairs (at most K + 4 bytes an id, ids
+    padded to 16), its three per-id terms and the channel lists."""
+    return -(-V // 16) * 16 * (K + 4 + 12) + 16 * K
+
+
 def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of each row of float32 ``x`` and the row's step (0 for a zero row)."""
     step = x.abs().amax(-1) / 127
@@ -104,12 +124,39 @@ def _pairs(x: torch.Tensor, rows: int) -> torch.Tensor:
 class _Entry:
     ref: weakref.ref
     key: tuple[int, int]
+    tier: Tier
     screen: Screen | None = None
     off: bool = False
     strikes: int = 0
 
+    def drop(self, off: bool = False) -> None:
+        if self.screen is not None:
+            self.tier.free(self.screen.nbytes)
+            self.screen = None
+        self.off = self.off or off
 
-_seen: dict[int, _Entry] = {}
+
+_allowed: dict[int, _Entry] = {}
+
+
+def allow(w: torch.Tensor, tier: Tier) -> None:
+    """Let the screen serve the resident head weight ``w``, its codes charged to ``tier`` when
+    first made (and made only where they fit)."""
+    for k in [k for k, e in _allowed.items() if e.ref() is None]:
+        _allowed.pop(k).drop()
+    _allowed[id(w)] = _Entry(weakref.ref(w), (w.data_ptr(), w._version), tier)
+
+
+def holding() -> bool:
+    """Whether any screen's codes are made (and charged to a tier)."""
+    return any(e.screen is not None for e in _allowed.values())
+
+
+def release_all() -> None:
+    """Give every screen's codes back to its tier (a pass that does not fit with them comes
+    first); each is made again at its next use where it fits."""
+    for e in _allowed.values():
+        e.drop()
 
 
 def _serves(h: torch.Tensor, w: torch.Tensor):
@@ -125,27 +172,29 @@ def _serves(h: torch.Tensor, w: torch.Tensor):
 
 def greedy(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """The greedy head's ids for bfloat16 features ``h`` [N, K] against the head weight ``w``,
-    screened, or None where the plain kernel is to run (a head not seen unchanged before, a
-    screen switched off, features that are not all finite, a CPU it does not reproduce)."""
+    screened, or None where the plain kernel is to run: a weight not allowed (not resident) or
+    changed since, codes that do not fit its tier, a screen switched off, features that are not
+    all finite, a CPU whose head kernel it does not reproduce."""
+    entry = _allowed.get(id(w))
+    if entry is None or entry.ref() is not w or entry.off:
+        return None
+    if entry.key != (w.data_ptr(), w._version):   # changed in place: its codes would be stale
+        entry.drop(off=True)
+        return None
     mod = _serves(h, w)
-    if mod is None:
-        return None
-    key = (w.data_ptr(), w._version)
-    entry = _seen.get(id(w))
-    if entry is None or entry.ref() is not w or entry.key != key:
-        for k in [k for k, e in _seen.items() if e.ref() is None]:
-            del _seen[k]
-        _seen[id(w)] = _Entry(weakref.ref(w), key)
-        return None
-    if entry.off or not bool(torch.isfinite(h).all()):
+    if mod is None or not bool(torch.isfinite(h).all()):
         return None
     if entry.screen is None:
         if not bool(torch.isfinite(w).all()):
             entry.off = True
             return None
+        try:
+            entry.tier.alloc(codes_bytes(*w.shape), "LM head screen")
+        except PolicyDoesNotFitError:
+            return None
         entry.screen = Screen.make(w, h)
     ids, candidates = entry.screen.argmax(mod, h, w)
     entry.strikes = entry.strikes + 1 if candidates > MAX_CANDIDATE_SHARE * h.shape[0] * w.shape[0] else 0
     if entry.strikes >= STRIKES:
-        entry.off, entry.screen = True, None
+        entry.drop(off=True)
     return ids

@@ -32,7 +32,7 @@ from ..models.base import HEAD_SLICE_ROWS, Model, Weights
 from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_blob, quantize, to_blob
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
-from . import prepack, tiles
+from . import prepack, screen, tiles
 from .fusion import fuse_tensors
 from .source import ModelSource
 
@@ -203,8 +203,17 @@ class TieredWeights:
             if off:
                 self._new_file(g, off, offload)
         self._load_all(source, model, shapes, pin)
+        self._allow_head_screen()
         _return_freed_memory()
         self.loaded: dict[str | int, tuple[Ready, int, torch.Tensor | None]] = {}
+
+    def _allow_head_screen(self) -> None:
+        """A plain bf16 head resident in host memory may take the greedy head's int8 screen
+        (weights/screen.py), which charges its codes to the head's tier when it makes them."""
+        h = self.homes["head"].get("lm_head")
+        if (h is not None and h.tier != "disk" and self.device.type == "cpu" and isinstance(h.tensor, torch.Tensor)
+                and h.tensor.dtype == torch.bfloat16 and self.dtype == torch.bfloat16):
+            screen.allow(h.tensor, self.tiers[h.tier])
 
     def _load_all(self, source: ModelSource, model: Model, shapes: dict, pin: bool) -> None:
         seen: set[tuple[Any, str]] = set()
