@@ -136,6 +136,7 @@ def test_made_for_an_allowed_weight_and_charged_to_its_tier(mods, monkeypatch):
     assert torch.equal(screen.greedy(h, w), plain.argmax(h, w))
     made = screen._allowed[id(w)].screen
     assert made is not None and t.current == made.nbytes == screen.codes_bytes(400, 64) and screen.holding()
+    assert made.nbytes == sum(x.numel() * x.element_size() for x in (made.rest, made.outliers, made.wq, made.wo, made.ids))
     assert torch.equal(screen.greedy(h * 2, w), plain.argmax(h * 2, w))
     assert screen._allowed[id(w)].screen is made and t.current == made.nbytes       # kept, charged once
     screen.release_all()                                # a pass that does not fit otherwise: codes go

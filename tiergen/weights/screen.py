@@ -3,9 +3,10 @@ codes with a bound on its error, and only the ids that could still win computed 
 
 The answer is the AVX-512 head kernel's own argmax, id for id: the candidates' logits are the
 very float32 sums it runs, and every id left out provably loses to one of them. The screen costs
-an int8 copy of the weight (V x K bytes), so it is made only for a head weight that stays put:
-one seen at two calls in a row, unchanged (the same tensor, memory and version). A streamed
-head, new each step, keeps the plain kernel.
+an int8 copy of the weight (about V x K bytes), so it serves only a head resident in host memory
+(weights/tiered.py ``allow``s it) and unchanged since (the same tensor, memory and version); its
+codes are charged to the head's tier when made, and made only where they fit. A streamed head
+keeps the plain kernel.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..errors import PolicyDoesNotFitError
 from ..tiers import Tier
 
 # Channels kept in bfloat16 (those largest on average in the first features seen): the rest
-# then share one int8 step per row, 4-5x finer than with them (SmolLM2: 3-6 candidates a row).
+# then share one int8 step per row, 4-5x finer than with them (SmolLM2: 3-9 candidates a row).
 OUTLIERS = 32
 # The plain kernel sums a batch of up to this many rows in another order (lm_head_avx512.cpp's
 # kFewRows); the screen reproduces the sums of larger batches.
@@ -34,9 +35,9 @@ STRIKES = 3
 MAX_CODES_BYTES = 1 << 30
 # Ids' blocks of 16 whose codes are made at a time.
 MAKE_BLOCKS = 256
+PANEL = 8   # feature rows a kernel step takes (head_screen.cpp's kRows)
 # Float32 rounding in the estimate, in the exact sums and in the bound itself, per input dim,
 # relative to max|e| * |x|_1 (twice the first-order bound; see head_screen.cpp).
-PANEL = 8   # feature rows a kernel step takes (head_screen.cpp's kRows)
 _ROUNDING = 2.0 ** -23
 _UP = 1 + 2.0 ** -20   # the bound's factors, rounded up once more
 
@@ -59,7 +60,7 @@ class Screen:
     @classmethod
     def make(cls, w: torch.Tensor, h: torch.Tensor) -> Screen:
         V, K = w.shape
-        n_out = min(OUTLIERS, K // 16 * 2)
+        n_out = min(OUTLIERS, K // 16 * 2)   # as codes_bytes counts them
         outliers = h.float().abs().mean(0).topk(n_out).indices.sort().values
         keep = torch.ones(K, dtype=torch.bool)
         keep[outliers] = False
@@ -101,9 +102,10 @@ class Screen:
 
 
 def codes_bytes(V: int, K: int) -> int:
-    """Bytes of a [V, K] head's screen: codes and outlier pairs (at most K + 4 bytes an id, ids
-    padded to 16), its three per-id terms and the channel lists."""
-    return -(-V // 16) * 16 * (K + 4 + 12) + 16 * K
+    """Bytes of a [V, K] head's screen: per id (padded to 16) its codes, its outlier pairs and
+    three float32 terms; the two channel lists."""
+    n_out = min(OUTLIERS, K // 16 * 2)
+    return -(-V // 16) * 16 * (-(-(K - n_out) // 4) * 4 + 2 * n_out + 12) + 8 * K
 
 
 def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
