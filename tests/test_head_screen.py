@@ -135,12 +135,15 @@ def test_made_for_an_allowed_weight_and_charged_to_its_tier(mods, monkeypatch):
     screen.allow(w, t)
     assert torch.equal(screen.greedy(h, w), plain.argmax(h, w))
     made = screen._allowed[id(w)].screen
-    assert made is not None and t.current == made.nbytes == screen.codes_bytes(400, 64) and screen.holding()
+    assert made is not None and t.current == made.nbytes == screen.codes_bytes(400, 64) and screen.holding([t])
     assert made.nbytes == sum(x.numel() * x.element_size() for x in (made.rest, made.outliers, made.wq, made.wo, made.ids))
     assert torch.equal(screen.greedy(h * 2, w), plain.argmax(h * 2, w))
     assert screen._allowed[id(w)].screen is made and t.current == made.nbytes       # kept, charged once
-    screen.release_all()                                # a pass that does not fit otherwise: codes go
-    assert t.current == 0 and not screen.holding()
+    other = tier()
+    screen.release([other])                             # another engine's tiers: kept
+    assert t.current == made.nbytes and screen.holding([t]) and not screen.holding([other])
+    screen.release([t])                                 # a pass that does not fit otherwise: codes go
+    assert t.current == 0 and not screen.holding([t])
     assert torch.equal(screen.greedy(h, w), plain.argmax(h, w)) and t.current == made.nbytes   # made again
     assert screen.greedy(h[:16], w) is None             # a batch the plain kernel sums otherwise
     bad = h.clone()
@@ -195,7 +198,7 @@ def test_the_engine_allows_its_resident_head_only(mods, smollm_path, tmp_path):
     a = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_new_tokens=3))]
     made = screen._allowed[id(head)].screen
     assert made is not None and llm.memory_report()["tiers"]["gpu"]["current"] - before >= made.nbytes
-    screen.release_all()
+    screen.release([llm.tiers[t] for t in ("gpu", "cpu", "disk")])
     live = lambda: {k for k, e in screen._allowed.items() if e.ref() is not None}   # noqa: E731
     allowed = live()
     offloaded = LLM(str(smollm_path), policy=Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=str(tmp_path))

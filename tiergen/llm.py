@@ -19,7 +19,7 @@ from .policy import Policy
 from .policy.policy import DTYPE_NAMES
 from .sampling import SamplingParams
 from .sequence import Output, Sequence, Stopper
-from .tiers import Tiers, parse_bytes
+from .tiers import TIERS, Tiers, parse_bytes
 from .transfer import Mover
 from .weights import screen
 from .weights.source import resolve
@@ -232,10 +232,11 @@ class LLM:
         try:
             self.tiers.check_fits(demand)
         except PolicyDoesNotFitError:
-            if not self.runtime.kept.bufs and not screen.holding():
+            mine = [self.tiers[t] for t in TIERS]
+            if not self.runtime.kept.bufs and not screen.holding(mine):
                 raise
             self.runtime.kept.drop(self.tiers)   # the last call's cache buffers, kept for reuse, go first
-            screen.release_all()                 # and the greedy head's codes (made again where they fit)
+            screen.release(mine)                 # and the greedy head's codes (made again where they fit)
             self.tiers.check_fits(demand)
         if self.device.type == "cpu":
             # a pass's freed scratch stays in the heap for the next layer, as far as the budget allows

@@ -266,7 +266,7 @@ std::tuple<torch::Tensor, int64_t> argmax(const torch::Tensor& h, const torch::T
   std::vector<int64_t> who(s.N, -1);
   for (int64_t c = 0; c < n; ++c) {
     const int64_t r = crow[c];
-    if (who[r] < 0 ? val[c] > best[r] : val[c] > best[r] || (val[c] == best[r] && cid[c] < who[r]))
+    if (val[c] > best[r] || (val[c] == best[r] && cid[c] < who[r]))   // who -1: no id is below it
       best[r] = val[c], who[r] = cid[c];
   }
   for (int64_t r = 0; r < s.N; ++r) out[r] = who[r] < 0 ? 0 : who[r];

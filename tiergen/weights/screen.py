@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -76,8 +77,8 @@ class Screen:
             step, codes = _codes(part.index_select(1, rest).float())
             padded = torch.full((16 * (b1 - b0), KQ * 4), 128, dtype=torch.uint8)
             padded[:r1 - r0, :len(rest)] = (codes.to(torch.int16) + 128).to(torch.uint8)
-            wq[b0:b1] = padded.view(b1 - b0, 16, KQ, 4).transpose(1, 2)
-            wo[b0:b1] = _pairs(part.index_select(1, outliers), 16 * (b1 - b0)).view(b1 - b0, 16, -1).transpose(1, 2)
+            wq[b0:b1] = _blocked(padded.view(-1, KQ, 4), 16)
+            wo[b0:b1] = _blocked(_pairs(part.index_select(1, outliers), 16 * (b1 - b0)), 16)
             ids[0, r0:r1] = step
             ids[1, r0:r1] = (step.double() * codes.abs().sum(-1).double() * _UP).float()
             ids[2, r0:r1] = part.float().abs().amax(-1)
@@ -93,8 +94,8 @@ class Screen:
         KQ = self.wq.shape[1]
         xq = torch.zeros(NP * PANEL, KQ * 4, dtype=torch.int8)
         xq[:N, :xr.shape[1]] = codes
-        xq = xq.view(NP, PANEL, KQ, 4).permute(0, 2, 1, 3).contiguous()
-        xo = _pairs(h.index_select(1, self.outliers), NP * PANEL).view(NP, PANEL, -1).permute(0, 2, 1).contiguous()
+        xq = _blocked(xq.view(-1, KQ, 4), PANEL).contiguous()
+        xo = _blocked(_pairs(h.index_select(1, self.outliers), NP * PANEL), PANEL).contiguous()
         rows = torch.stack([step, codes.sum(-1, dtype=torch.int32).float(),
                             (0.5 * xr.double().abs().sum(-1) * _UP).float(), (0.5 * step.double() * _UP).float(),
                             ((2 * K + 64) * _ROUNDING * x.double().abs().sum(-1) * _UP).float()], 1)
@@ -113,6 +114,12 @@ def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     step = x.abs().amax(-1) / 127
     div = torch.where(step > 0, step, torch.ones_like(step))
     return step, torch.round(x / div[:, None]).clamp_(-127, 127).to(torch.int8)
+
+
+def _blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows [n * rows, C, ...] as blocks [n, C, rows, ...]: each of a block's C columns (a 4-byte
+    code group or pair) holds its ``rows`` rows side by side, as the kernel broadcasts or loads them."""
+    return t.view(t.shape[0] // rows, rows, *t.shape[1:]).transpose(1, 2)
 
 
 def _pairs(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -149,16 +156,17 @@ def allow(w: torch.Tensor, tier: Tier) -> None:
     _allowed[id(w)] = _Entry(weakref.ref(w), (w.data_ptr(), w._version), tier)
 
 
-def holding() -> bool:
-    """Whether any screen's codes are made (and charged to a tier)."""
-    return any(e.screen is not None for e in _allowed.values())
+def holding(tiers: Iterable[Tier]) -> bool:
+    """Whether any screen charged to one of ``tiers`` has its codes made."""
+    return any(e.screen is not None and any(e.tier is t for t in tiers) for e in _allowed.values())
 
 
-def release_all() -> None:
-    """Give every screen's codes back to its tier (a pass that does not fit with them comes
-    first); each is made again at its next use where it fits."""
+def release(tiers: Iterable[Tier]) -> None:
+    """Give the codes of every screen charged to one of ``tiers`` back (a pass that does not fit
+    with them comes first); each is made again at its next use where it fits."""
     for e in _allowed.values():
-        e.drop()
+        if any(e.tier is t for t in tiers):
+            e.drop()
 
 
 def _serves(h: torch.Tensor, w: torch.Tensor):
