@@ -11,10 +11,11 @@ V = 256  # vocab
 BASE = dict(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
             intermediate_size=160, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
 
+OPT_BASE = dict(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=160,
+                max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 CONFIGS = {
-    "opt": ("OPTConfig", dict(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              ffn_dim=160, max_position_embeddings=256, word_embed_proj_dim=64,
-                              bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "opt": ("OPTConfig", OPT_BASE),
     # opt-350m's layout: narrow embeddings projected in/out, post-LN, no final LN
     "opt350m": ("OPTConfig", dict(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                   ffn_dim=160, max_position_embeddings=256, word_embed_proj_dim=32,
@@ -37,6 +38,12 @@ CONFIGS = {
                                                            original_max_position_embeddings=32))),
     "mistral": ("MistralConfig", dict(BASE, num_key_value_heads=2, head_dim=16, sliding_window=8)),
     "qwen2": ("Qwen2Config", dict(BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    # a window on the layers from max_window_layers on only (here layers 1 and 2 of 3)
+    "qwen2_window": ("Qwen2Config", dict(BASE, num_key_value_heads=2, tie_word_embeddings=False,
+                                         use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    # LayerNorms without weight or bias; a pre-LN OPT without its final LayerNorm
+    "opt_plain_ln": ("OPTConfig", dict(OPT_BASE, layer_norm_elementwise_affine=False)),
+    "opt_no_final_ln": ("OPTConfig", dict(OPT_BASE, _remove_final_layer_norm=True)),
     # SmolLM2's head layout (3 query heads a K/V head, head size 64): what the CPU decode kernel handles
     "llama_d64": ("LlamaConfig", dict(BASE, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
                                       head_dim=64)),

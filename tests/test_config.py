@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from tiergen import LLM, ModelConfig, SamplingParams, UnknownModelError
+from tiergen.errors import CheckpointError
 from tiergen.config import KNOWN_SHAPES
 from tiergen.models import get_model
 from tiergen.weights.dummy import dummy_group
@@ -52,8 +53,42 @@ def test_from_hf_families():
     m = ModelConfig.from_hf(dict(model_type="mistral", vocab_size=10, hidden_size=64, num_hidden_layers=1,
                                  num_attention_heads=4, intermediate_size=8, sliding_window=32))
     assert m.sliding_window == 32 and not m.qkv_bias
+    assert m.window(0) == 32
     with pytest.raises(UnknownModelError):
         ModelConfig.from_hf(dict(model_type="bloom"))
+
+
+QWEN2 = dict(model_type="qwen2", vocab_size=10, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+             intermediate_size=8, sliding_window=16)
+
+
+def test_qwen2_slides_only_the_layers_its_config_names():
+    by_default = ModelConfig.from_hf(dict(QWEN2, use_sliding_window=True, max_window_layers=2))
+    assert [by_default.window(j) for j in range(4)] == [None, None, 16, 16]
+    listed = ModelConfig.from_hf(dict(QWEN2, use_sliding_window=True, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"]))
+    assert [listed.window(j) for j in range(4)] == [16, None, 16, None]
+    none_past = ModelConfig.from_hf(dict(QWEN2, use_sliding_window=True, max_window_layers=28))
+    assert none_past.sliding_window is None and none_past.window(3) is None
+    off = ModelConfig.from_hf(dict(QWEN2, use_sliding_window=False, max_window_layers=0))
+    assert off.window(0) is None
+    with pytest.raises(CheckpointError, match="layer_types"):
+        ModelConfig.from_hf(dict(QWEN2, use_sliding_window=True, layer_types=["full_attention"]))
+
+
+@pytest.mark.parametrize("attention_bias", [True, False])
+def test_qwen2_biases_ignore_attention_bias(attention_bias):
+    """Qwen2's q/k/v always carry biases and its other products never do, as in transformers."""
+    q = ModelConfig.from_hf(dict(QWEN2, attention_bias=attention_bias, mlp_bias=True))
+    assert q.qkv_bias and not q.o_bias and not q.mlp_bias
+
+
+def test_opt_layer_norm_variants_are_read():
+    base = dict(model_type="opt", vocab_size=10, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                ffn_dim=8, max_position_embeddings=64)
+    assert ModelConfig.from_hf(base).norm_affine and ModelConfig.from_hf(base).final_norm
+    plain = ModelConfig.from_hf(dict(base, layer_norm_elementwise_affine=False, _remove_final_layer_norm=True))
+    assert not plain.norm_affine and not plain.final_norm
 
 
 def test_dummy_weights_are_lazy_deterministic_and_per_layer():

@@ -39,9 +39,12 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None   # the layers that slide; None: every one
     # opt family
     word_embed_proj_dim: int = 0     # 0 -> hidden_size; opt-350m uses 512
     do_layer_norm_before: bool = True
+    norm_affine: bool = True         # False: LayerNorms without weight or bias
+    final_norm: bool = True          # False: no LayerNorm before the head (a pre-LN OPT may drop it)
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -83,6 +86,12 @@ class ModelConfig:
             orig = int(p.get("original_max_position_embeddings", self.max_position))
             return max(self.max_position, int(orig * factor))
         return self.max_position
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``'s attention (None: it sees the whole context)."""
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return None
+        return self.sliding_window
 
     def num_params(self) -> int:
         """Parameter count, from the family's own weight shapes (tied heads counted once)."""
@@ -187,6 +196,8 @@ def _opt_from_hf(c: dict, mtype: str, name: str) -> ModelConfig:
         activation=c.get("activation_function", "relu"),
         word_embed_proj_dim=c.get("word_embed_proj_dim") or hidden,
         do_layer_norm_before=c.get("do_layer_norm_before", True),
+        norm_affine=c.get("layer_norm_elementwise_affine", True),
+        final_norm=not c.get("_remove_final_layer_norm", False),
         qkv_bias=c.get("enable_bias", True), o_bias=c.get("enable_bias", True),
         mlp_bias=c.get("enable_bias", True),
         tie_word_embeddings=c.get("tie_word_embeddings", True),
@@ -208,9 +219,13 @@ def _llama_from_hf(c: dict, mtype: str, name: str) -> ModelConfig:
         scaling = tuple(sorted((k, v) for k, v in rope.items() if v is not None))
     heads = c["num_attention_heads"]
     hidden = c["hidden_size"]
-    sliding = c.get("sliding_window")
-    if mtype == "qwen2" and not c.get("use_sliding_window", False):
-        sliding = None
+    sliding, sliding_layers = c.get("sliding_window"), None
+    if mtype == "qwen2":
+        sliding, sliding_layers = _qwen2_windows(c)
+    # Qwen2 always has q/k/v biases and never others, whatever attention_bias says
+    qkv_bias = True if mtype == "qwen2" else c.get("attention_bias", False)
+    o_bias = False if mtype == "qwen2" else c.get("attention_bias", False)
+    mlp_bias = False if mtype == "qwen2" else c.get("mlp_bias", False)
     return ModelConfig(
         family="llama", arch=mtype, name=name, vocab_size=c["vocab_size"], hidden_size=hidden,
         num_layers=c["num_hidden_layers"], num_heads=heads,
@@ -218,12 +233,27 @@ def _llama_from_hf(c: dict, mtype: str, name: str) -> ModelConfig:
         head_dim=c.get("head_dim") or hidden // heads, ffn_dim=c["intermediate_size"],
         max_position=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
         activation=c.get("hidden_act", "silu"), rope_theta=float(theta), rope_scaling=scaling,
-        qkv_bias=c.get("attention_bias", mtype == "qwen2"), o_bias=c.get("attention_bias", False),
-        mlp_bias=c.get("mlp_bias", False), sliding_window=sliding,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding,
+        sliding_layers=sliding_layers,
         tie_word_embeddings=c.get("tie_word_embeddings", False),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=_eos_tuple(c.get("eos_token_id")),
         pad_token_id=c.get("pad_token_id"),
     )
+
+
+def _qwen2_windows(c: dict) -> tuple[int | None, tuple[int, ...] | None]:
+    """Qwen2's window and the layers it applies to: with use_sliding_window, the layers
+    ``layer_types`` marks sliding, or by default those from ``max_window_layers`` on."""
+    window = c.get("sliding_window")
+    if not c.get("use_sliding_window", False) or window is None:
+        return None, None
+    n = c["num_hidden_layers"]
+    types = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention"
+                                     for i in range(n)]
+    if len(types) != n:
+        raise CheckpointError(f"config.json: layer_types has {len(types)} entries for {n} layers")
+    layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return (window, layers) if layers else (None, None)
 
 
 _HF_READERS = {"opt": _opt_from_hf, "llama": _llama_from_hf}

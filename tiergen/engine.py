@@ -94,11 +94,19 @@ class Engine:
         mb = MicroBatch(seqs, cache, valid.to(dev), lens.to(dev), col=0)
         return mb, ids.to(dev)
 
-    def _context(self, mb: MicroBatch, positions: torch.Tensor, num_new: int) -> StepContext:
-        mask = build_mask(mb.key_valid, mb.col, num_new, self.cfg.sliding_window)
-        ctx = StepContext(positions=positions, start=mb.col, mask=mask, chunk_rows=self.chunk_rows)
-        self.model.prepare(ctx)
-        return ctx
+    def _contexts(self, mb: MicroBatch, positions: torch.Tensor, num_new: int) -> dict[int | None, StepContext]:
+        """The step's context for each sliding window the layers use (None: the whole
+        context): one mask each, the family's per-step values (RoPE) computed once."""
+        windows = dict.fromkeys(self.cfg.window(j) for j in range(self.cfg.num_layers))
+        out: dict[int | None, StepContext] = {}
+        for w in windows:
+            mask = build_mask(mb.key_valid, mb.col, num_new, w)
+            if out:
+                out[w] = replace(next(iter(out.values())), mask=mask)
+            else:
+                out[w] = StepContext(positions=positions, start=mb.col, mask=mask, chunk_rows=self.chunk_rows)
+                self.model.prepare(out[w])
+        return out
 
     # ------------------------------------------------------------- forward
     def forward(self, mbs: list[MicroBatch], ids: list[torch.Tensor],
@@ -106,11 +114,11 @@ class Engine:
         """Run new tokens ids[k] [B,T] of every micro-batch through all layers;
         returns the last hidden states and advances each cache. With ``last_only`` only each
         sequence's last position is wanted: the last layer may return [B,1,E]."""
-        ctxs = [self._context(mb, p, x.shape[1]) for mb, p, x in zip(mbs, positions, ids)]
-        last = [replace(c, last_only=True) for c in ctxs] if last_only else ctxs
+        ctxs = [self._contexts(mb, p, x.shape[1]) for mb, p, x in zip(mbs, positions, ids)]
+        last = [{w: replace(c, last_only=True) for w, c in cs.items()} for cs in ctxs] if last_only else ctxs
         self.weights.release("head")
         emb = self.weights.group("embed")
-        hidden = [self.model.embed(emb, x, c) for x, c in zip(ids, ctxs)]
+        hidden = [self.model.embed(emb, x, next(iter(cs.values()))) for x, cs in zip(ids, ctxs)]
         self.weights.release("embed")
         self.weights.acquire("head")
         acts = [Activation(h, self.rt, self.policy) for h in hidden]
@@ -124,7 +132,7 @@ class Engine:
             elif step.op == "load_cache":
                 mbs[k].cache.layer(j).prefetch(mbs[k].col, ids[k].shape[1])
             elif step.op == "compute":
-                ctx = last[k] if j == self.cfg.num_layers - 1 else ctxs[k]
+                ctx = (last[k] if j == self.cfg.num_layers - 1 else ctxs[k])[self.cfg.window(j)]
                 out = self.model.layer(self.weights.group(j), acts[k].get(), ctx, mbs[k].cache.layer(j))
                 acts[k].put(out)
             elif step.op == "release_weight":

@@ -46,7 +46,7 @@ class OPT(Family):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.act = activation(cfg.activation)
-        self.has_final_norm = cfg.do_layer_norm_before
+        self.has_final_norm = cfg.do_layer_norm_before and cfg.final_norm
         self.projected = cfg.word_embed_proj_dim != cfg.hidden_size
 
     def slot(self, hf_name: str):
@@ -60,8 +60,9 @@ class OPT(Family):
             layer[f"w{p}"] = (h, h)
             if c.qkv_bias:
                 layer[f"b{p}"] = (h,)
-        layer |= {"ln1_w": (h,), "ln1_b": (h,), "ln2_w": (h,), "ln2_b": (h,),
-                  "fc1_w": (f, h), "fc2_w": (h, f)}
+        norm = {"w": (h,), "b": (h,)} if c.norm_affine else {}   # non-affine: no weight, no bias
+        layer |= {f"{n}_{t}": s for n in ("ln1", "ln2") for t, s in norm.items()}
+        layer |= {"fc1_w": (f, h), "fc2_w": (h, f)}
         if c.mlp_bias:
             layer |= {"fc1_b": (f,), "fc2_b": (h,)}
         embed = {"tok": (c.vocab_size, e), "pos": (c.max_position + POSITION_OFFSET, h)}
@@ -70,7 +71,7 @@ class OPT(Family):
             embed["proj_in"] = (h, e)
             head["proj_out"] = (e, h)
         if self.has_final_norm:
-            head |= {"norm_w": (h,), "norm_b": (h,)}
+            head |= {f"norm_{t}": s for t, s in norm.items()}
         if not c.tie_word_embeddings:
             head["lm_head"] = (c.vocab_size, e)
         out: dict[str | int, dict[str, tuple[int, ...]]] = {"embed": embed, "head": head}
@@ -87,7 +88,7 @@ class OPT(Family):
         return x + w["pos"][ctx.positions + POSITION_OFFSET]
 
     def _ln(self, x: torch.Tensor, w: Weights, name: str) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), w[f"{name}_w"], w[f"{name}_b"], self.cfg.norm_eps)
+        return F.layer_norm(x, (x.shape[-1],), w.get(f"{name}_w"), w.get(f"{name}_b"), self.cfg.norm_eps)
 
     def layer(self, w: Weights, x: torch.Tensor, ctx: StepContext, kv: LayerKV) -> torch.Tensor:
         c = self.cfg
