@@ -46,6 +46,23 @@ def test_missing_tensor_is_named(hf_model_dirs, tmp_path, name, key):
         LLM(str(d))
 
 
+@pytest.mark.parametrize("extra,like", [("model.layers.0.self_attn.o_proj.bias", "model.norm.weight"),
+                                        ("model.layers.3.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight")])
+def test_weight_the_config_does_not_describe_is_refused(hf_model_dirs, tmp_path, extra, like):
+    """A bias or a layer the config lacks means config and checkpoint disagree: loading
+    without it would run another model, so it is an error rather than skipped."""
+    from tiergen import CheckpointError
+    _, path = hf_model_dirs("llama_gqa")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    tensors[extra] = torch.zeros_like(tensors[like])
+    d = tmp_path / "extra"
+    d.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), d)
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="is not in the model its config describes"):
+        LLM(str(d))
+
+
 def test_hub_id_from_local_cache(hf_model_dirs, tmp_path, monkeypatch):
     _, path = hf_model_dirs("opt")
     snap = tmp_path / "models--acme--tiny-opt" / "snapshots" / "0123abcd"

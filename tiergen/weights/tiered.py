@@ -220,8 +220,12 @@ class TieredWeights:
         tensors = fuse_tensors(source.tensors(model, self.dtype), model.fusion, model.checkpoint_shapes(),
                                source.description)
         for (g, key), t in tensors:
-            if g not in shapes or key not in shapes[g] or (self.tied and (g, key) == ("head", "lm_head")):
-                continue   # e.g. a checkpoint's copy of tied embeddings
+            if self.tied and (g, key) == ("head", "lm_head"):
+                continue   # a checkpoint's copy of tied embeddings
+            if g not in shapes or key not in shapes[g]:   # a config that does not describe the checkpoint
+                where = f"layer {g}" if isinstance(g, int) else g
+                raise CheckpointError(f"{source.description}: weight {key!r} of {where} is not in the model "
+                                      f"its config describes (a bias, a layer or a norm it does not have)")
             if tuple(t.shape) != tuple(shapes[g][key]):
                 raise CheckpointError(f"{source.description}: weight {key!r} of {g} has shape "
                                       f"{tuple(t.shape)}, expected {tuple(shapes[g][key])}")
