@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidRequestError
 from .llm import LLM
 from .sampling import SamplingParams
 
@@ -24,6 +25,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 def run_bench(llm: LLM, prompt_len: int, gen_len: int, num_prompts: int | None = None,
               warmup: bool = True, progress: bool = False) -> dict[str, Any]:
+    for what, v in (("prompt length", prompt_len), ("generation length", gen_len), ("number of prompts", num_prompts)):
+        if v is not None and v < 1:
+            raise InvalidRequestError(f"the {what} must be at least 1, got {v}")
     n = num_prompts or llm.policy.block_size
     prompts = random_prompts(n, prompt_len, llm.config.vocab_size)
     if warmup:

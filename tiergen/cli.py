@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, TextIO
 
 from .errors import TiergenError
 
@@ -18,6 +18,21 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callab
         COMMANDS[name] = fn
         return fn
     return deco
+
+
+class OutputError(TiergenError):
+    """stdout (or stderr) cannot take the output: a full disk, a closed pipe."""
+
+
+def emit(text: str, stream: TextIO | None = None) -> None:
+    """One piece of the command's output, written through at once so that finished work is
+    out before anything later can fail; a full disk or a closed pipe is a one-line error."""
+    out = stream or sys.stdout
+    try:
+        out.write(text + "\n")
+        out.flush()
+    except OSError as e:
+        raise OutputError(f"cannot write the output: {e.strerror or e}") from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +93,9 @@ def quant_from_args(args: argparse.Namespace) -> dict:
 def policy_from_args(args: argparse.Namespace):  # -> Policy
     from .policy import Policy
     from .llm import resolve_device
-    batch = args.gpu_batch_size or (32 if resolve_device(args.device).type == "cuda" else 256)
+    batch = args.gpu_batch_size
+    if batch is None:
+        batch = 32 if resolve_device(args.device).type == "cuda" else 256
     return Policy.from_percent(args.percent, gpu_batch_size=batch,
                                num_gpu_batches=args.num_gpu_batches, cpu_attention=args.cpu_attention,
                                schedule=args.schedule, overlap=not args.no_overlap,
@@ -89,10 +106,7 @@ def policy_from_args(args: argparse.Namespace):  # -> Policy
 def load_llm(args: argparse.Namespace):  # -> LLM
     from .llm import LLM
     from .tiers import parse_bytes
-    try:
-        budgets = [parse_bytes(x) for x in (args.gpu_mem, args.cpu_mem, args.disk)]
-    except ValueError as e:
-        raise TiergenError(f"bad memory size: {e}") from None
+    budgets = [parse_bytes(x) for x in (args.gpu_mem, args.cpu_mem, args.disk)]
     return LLM(args.model, dtype=args.dtype, device=args.device, dummy=args.dummy,
                policy=auto_from_args(args) if getattr(args, "policy", None) == "auto" else policy_from_args(args),
                offload_dir=args.offload_dir, offload_dtype=args.offload_dtype,
@@ -110,65 +124,106 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     if args.json:
-        print(json.dumps(r))
+        emit(json.dumps(r))
         return 0
     pol = r["policy"]
     stored = f", offloaded weights {r['offload_dtype']}" if r["offload_dtype"] != r["dtype"] else ""
     if pol["cache_dtype"] not in (None, r["dtype"]):
         stored += f", KV cache {pol['cache_dtype']}"
-    print(f"model {r['model']} ({r['dtype']}{stored}, {r['device']}), {r['num_prompts']} prompts x "
+    emit(f"model {r['model']} ({r['dtype']}{stored}, {r['device']}), {r['num_prompts']} prompts x "
           f"{r['prompt_len']} tokens, {r['gen_len']} new tokens each")
-    print(f"policy {pol['gpu_batch_size']}x{pol['num_gpu_batches']} percent "
+    emit(f"policy {pol['gpu_batch_size']}x{pol['num_gpu_batches']} percent "
           f"{' '.join(f'{x:g}' for x in llm.policy.percent)} schedule {pol['schedule']} "
           f"overlap {pol['overlap']} cpu_attention {pol['cpu_attention']}")
-    print(f"prefill  {r['prefill_s']:9.3f} s  {r['prefill_tok_s']:10.1f} tok/s")
-    print(f"decode   {r['decode_s']:9.3f} s  {r['decode_tok_s']:10.1f} tok/s")
-    print(f"total    {r['total_s']:9.3f} s  {r['total_tok_s']:10.1f} tok/s  (generation throughput)")
+    emit(f"prefill  {r['prefill_s']:9.3f} s  {r['prefill_tok_s']:10.1f} tok/s")
+    emit(f"decode   {r['decode_s']:9.3f} s  {r['decode_tok_s']:10.1f} tok/s")
+    emit(f"total    {r['total_s']:9.3f} s  {r['total_tok_s']:10.1f} tok/s  (generation throughput)")
     if pol["compress_weight"] or pol["compress_cache"]:
         def q(on: bool, c: dict) -> str:
             return f"{c['bits']}-bit g{c['group_size']}" if on else "off"
-        print(f"compression weights {q(pol['compress_weight'], pol['weight_quant'])}, "
+        emit(f"compression weights {q(pol['compress_weight'], pol['weight_quant'])}, "
               f"cache {q(pol['compress_cache'], pol['cache_quant'])}")
     for tier, peak in r["peaks"].items():
         w, wd = r["weights"][tier], r["weights_uncompressed"][tier]
-        print(f"peak {tier:5s} {fmt_bytes(peak):>12s} of {fmt_bytes(r['budgets'][tier])}   "
+        emit(f"peak {tier:5s} {fmt_bytes(peak):>12s} of {fmt_bytes(r['budgets'][tier])}   "
               f"weights {fmt_bytes(w)}" + (f" (uncompressed {fmt_bytes(wd)})" if w != wd else "")
               + f"   KV cache {fmt_bytes(r['kv_cache'][tier])}")
     kv = sum(r["kv_cache"].values())
     if kv and kv != r["kv_cache_uncompressed"]:
-        print(f"KV cache {fmt_bytes(kv)} stored, {fmt_bytes(r['kv_cache_uncompressed'])} uncompressed")
+        emit(f"KV cache {fmt_bytes(kv)} stored, {fmt_bytes(r['kv_cache_uncompressed'])} uncompressed")
     for link, n in sorted(r["links"].items()):
-        print(f"moved {link:10s} {fmt_bytes(n):>12s}")
+        emit(f"moved {link:10s} {fmt_bytes(n):>12s}")
     return 0
+
+
+def stdin_prompts() -> tuple[list[str], list[int]]:
+    """Non-blank lines of stdin (a CR LF ending taken off too) and their line numbers."""
+    prompts, lines = [], []
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise TiergenError(f"stdin line {n} is not valid UTF-8 text") from None
+        if line.strip():
+            prompts.append(line)
+            lines.append(n)
+    return prompts, lines
 
 
 @command("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     from .sampling import SamplingParams
     prompts = list(args.prompts)
+    where = [f"argument {i + 1}" for i in range(len(prompts))]
     if not prompts and not sys.stdin.isatty():
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        prompts, lines = stdin_prompts()
+        where = [f"stdin line {n}" for n in lines]
     if not prompts:
         raise TiergenError("no prompts given (pass them as arguments or one per line on stdin)")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                             stop_token_ids=args.stop_token_id or None, ignore_eos=args.ignore_eos)
+
+    def show(i: int, o) -> None:
+        if args.json:
+            emit(json.dumps({"index": i, "prompt": o.prompt, "text": o.text, "token_ids": o.token_ids,
+                             "finish_reason": o.finish_reason}, ensure_ascii=False))
+        else:
+            emit(f"### {o.prompt}\n{o.text.strip()}\n")
+
+    # Blocks finish in order of prompt length: each output is shown once every prompt before
+    # it has been; when a block fails, the finished ones still come out, then the error.
+    done: dict = {}
+    shown = 0
+
+    def finished(i: int, o) -> None:
+        nonlocal shown
+        done[i] = o
+        while shown in done:
+            show(shown, done.pop(shown))
+            shown += 1
+
     llm = load_llm(args)
     t0 = time.perf_counter()
     try:
-        outs = llm.generate(prompts, params, chat=args.chat, progress=not args.json and sys.stderr.isatty())
+        outs = llm.generate(prompts, params, chat=args.chat, progress=not args.json and sys.stderr.isatty(),
+                            on_output=finished)
+    except (TiergenError, KeyboardInterrupt) as e:
+        kept = shown + len(done)
+        for i in sorted(done):
+            show(i, done[i])
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        msg = str(e) + (f" ({where[e.prompt_index]})" if e.prompt_index is not None else "")
+        if kept:
+            msg += f"; the {kept} of {len(prompts)} prompts that had finished are written above"
+        raise type(e)(msg) from None
     finally:
         llm.close()
     dt = time.perf_counter() - t0
-    for o in outs:
-        if args.json:
-            print(json.dumps({"prompt": o.prompt, "text": o.text, "token_ids": o.token_ids,
-                              "finish_reason": o.finish_reason}, ensure_ascii=False))
-        else:
-            print(f"### {o.prompt}\n{o.text.strip()}\n")
     if not args.json:
         n = sum(len(o.token_ids) for o in outs)
-        print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+        emit(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tok/s]", sys.stderr)
     return 0
 
 
@@ -189,10 +244,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         llm.close()
     dt = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"file": args.file, "ppl": r.ppl, "nll": r.nll, "num_tokens": r.num_tokens,
+        emit(json.dumps({"file": args.file, "ppl": r.ppl, "nll": r.nll, "num_tokens": r.num_tokens,
                           "seconds": dt}))
     else:
-        print(f"perplexity {r.ppl:.4f} over {r.num_tokens} tokens ({dt:.1f} s)")
+        emit(f"perplexity {r.ppl:.4f} over {r.num_tokens} tokens ({dt:.1f} s)")
     return 0
 
 
@@ -212,19 +267,23 @@ def auto_from_args(args: argparse.Namespace):  # -> Policy
 
 @command("profile")
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .policy.profile import cached_profile, default_profile_path, load_profile
+    from .policy.profile import ProfileSaveError, cached_profile, default_profile_path, load_profile
     if args.show:
         p = load_profile(args.show)
     else:
         log = (lambda m: print(f"[profile] {m}", file=sys.stderr))
-        p = cached_profile(refresh=args.refresh, path=args.out, device=args.device,
-                           offload_dir=args.offload_dir, log=log)
+        try:
+            p = cached_profile(refresh=args.refresh, path=args.out, device=args.device,
+                               offload_dir=args.offload_dir, log=log, must_save=args.out is not None)
+        except ProfileSaveError as e:   # the measurement is not lost: it goes to stdout instead
+            emit(json.dumps(e.profile.to_dict(), indent=1))
+            raise TiergenError(f"{e}; the measured profile is written to stdout instead") from None
         print(f"profile: {args.out or default_profile_path()}", file=sys.stderr)
     if args.json:
-        print(json.dumps(p.to_dict(), indent=1))
+        emit(json.dumps(p.to_dict(), indent=1))
         return 0
     from .policy.report import profile_lines
-    print("\n".join(profile_lines(p)))
+    emit("\n".join(profile_lines(p)))
     return 0
 
 
@@ -244,20 +303,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         from .weights.source import resolve
         cfg = resolve(args.model, dummy=True).config
-    try:
-        budgets = [parse_bytes(x) for x in (args.gpu_mem, args.cpu_mem, args.disk)]
-    except ValueError as e:
-        raise TiergenError(f"bad memory size: {e}") from None
+    budgets = [parse_bytes(x) for x in (args.gpu_mem, args.cpu_mem, args.disk)]
     dtype = resolve_dtype(args.dtype or ("float16" if prof.device == "cuda" else None),
                           torch.device(prof.device))
     wl = Workload(args.prompt_len, args.gen_len)
     plan = search(cfg, dtype, prof, wl, tiers_for_profile(prof, *budgets), compress=args.compress,
                   max_block=args.max_block)
     if args.json:
-        print(json.dumps({"profile": prof.name, "model": args.model, "tried": plan.tried,
+        emit(json.dumps({"profile": prof.name, "model": args.model, "tried": plan.tried,
                           "feasible": plan.feasible, **plan.prediction.to_dict()}))
         return 0
-    print("\n".join(plan_lines(args.model, prof, plan)))
+    emit("\n".join(plan_lines(args.model, prof, plan)))
     return 0
 
 
@@ -283,8 +339,15 @@ def add_plan_args(sub) -> None:
     pl.add_argument("--json", action="store_true")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes on one line, as every other error (not the whole usage)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tiergen", description=__doc__)
+    parser = Parser(prog="tiergen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for prompts")
@@ -327,7 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TiergenError as e:
+        if isinstance(e, OutputError):   # nothing more can go out; keep the exit quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"tiergen: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:   # the file system's refusal (space, permissions), not a bug of ours
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"tiergen: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tiergen: interrupted", file=sys.stderr)

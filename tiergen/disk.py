@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import DiskFullError
+from .errors import DiskFullError, InvalidRequestError
 from .host_heap import anonymous_bytes
 
 ALIGN = 4096
@@ -415,9 +415,13 @@ class OffloadDir:
     interpreter exit, and on SIGTERM/SIGINT when they would kill the process."""
 
     def __init__(self, parent: str | os.PathLike[str] | None = None) -> None:
-        if parent is not None:
-            os.makedirs(parent, exist_ok=True)
-        self.path = tempfile.mkdtemp(prefix="tiergen-", dir=parent)
+        try:
+            if parent is not None:
+                os.makedirs(parent, exist_ok=True)
+            self.path = tempfile.mkdtemp(prefix="tiergen-", dir=parent)
+        except OSError as e:   # a file in the way, no permission, a read-only file system
+            raise InvalidRequestError(f"cannot use offload dir {os.fspath(parent or tempfile.gettempdir())}: "
+                                      f"{e.strerror or e}") from None
         self._files: weakref.WeakSet[DiskFile] = weakref.WeakSet()
         # finalize runs once: on close(), on collection, or at exit (atexit=True).
         self._finalizer = weakref.finalize(self, _remove_dir, self.path, self._files, os.getpid())

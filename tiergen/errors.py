@@ -3,7 +3,12 @@ the CLI turns into a one-line message and a non-zero exit."""
 
 
 class TiergenError(Exception):
-    """Base class for errors caused by input rather than by a bug."""
+    """Base class for errors caused by input rather than by a bug. ``prompt_index``: the
+    prompt (0-based, in the order given) the error is about, where it is about one."""
+
+    def __init__(self, *args: object, prompt_index: int | None = None) -> None:
+        super().__init__(*args)
+        self.prompt_index = prompt_index
 
 
 class ModelNotFoundError(TiergenError, FileNotFoundError):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 import torch
 
@@ -11,7 +11,7 @@ from . import host_heap, kernels
 from .cpu_dtype import faster_cpu_dtype
 from .disk import IOPool, OffloadDir
 from .engine import Engine
-from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError
+from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError, TiergenError
 from .kv_cache import Runtime
 from .memory_plan import block_demand, weight_demand
 from .models import get_model
@@ -47,9 +47,14 @@ class Perplexity:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"unsupported device {device!r} (use 'cpu' or 'cuda')") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device='cuda' requested but no CUDA GPU is available")
+        raise InvalidRequestError(f"device={str(device)!r} requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidRequestError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type not in ("cpu", "cuda"):
         raise InvalidRequestError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
     return dev
@@ -194,6 +199,7 @@ class LLM:
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         tok = self._need_tokenizer()
+        _check_text(prompt)
         if isinstance(prompt, list) or chat:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             if not getattr(tok, "chat_template", None):
@@ -204,17 +210,24 @@ class LLM:
             raise InvalidRequestError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
         return list(tok.encode(prompt))
 
+    def _encode_nth(self, i: int, prompt: Prompt, chat: bool) -> list[int]:
+        try:
+            return self.encode(prompt, chat)
+        except TiergenError as e:
+            raise type(e)(f"prompt {i}: {e}", prompt_index=i) from None
+
     def _check_ids(self, ids: list[list[int]], room: int) -> None:
         V, ctx = self.config.vocab_size, self.config.context_length
         for i, p in enumerate(ids):
             if not p:
-                raise InvalidRequestError(f"prompt {i} is empty")
+                raise InvalidRequestError(f"prompt {i} is empty", prompt_index=i)
             if min(p) < 0 or max(p) >= V:
-                raise InvalidRequestError(f"prompt {i} has token ids outside the vocabulary [0, {V})")
+                raise InvalidRequestError(f"prompt {i} has token ids outside the vocabulary [0, {V})",
+                                          prompt_index=i)
             if len(p) + room > ctx:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(p)} tokens; the context is {ctx}"
-                    + (" and at least one new token must fit" if room else ""))
+                    + (" and at least one new token must fit" if room else ""), prompt_index=i)
 
     def _blocks(self, seqs: list[Sequence]) -> Iterator[list[list[Sequence]]]:
         """Blocks of micro-batches; similar lengths together so padding stays small."""
@@ -248,8 +261,11 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt] | None = None,
                  params: SamplingParams | None = None, *,
                  prompt_token_ids: Seq[Seq[int]] | None = None, chat: bool = False,
-                 progress: bool = False, on_step: Any = None) -> list[Output]:
-        """``on_step`` is called after every forward pass of every block (prefill first)."""
+                 progress: bool = False, on_step: Any = None,
+                 on_output: Callable[[int, Output], None] | None = None) -> list[Output]:
+        """``on_step`` is called after every forward pass of every block (prefill first);
+        ``on_output(i, output)`` as soon as prompt i's block has finished, so a caller keeps
+        what is done even if a later block fails."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -258,16 +274,23 @@ class LLM:
             shown: list[Any] = list(prompts) if prompts is not None else [None] * len(ids)
         elif prompts is not None:
             shown = list(prompts)
-            ids = [self.encode(p, chat) for p in shown]
+            ids = [self._encode_nth(i, p, chat) for i, p in enumerate(shown)]
         else:
             raise InvalidRequestError("generate() needs prompts or prompt_token_ids")
         self._check_ids(ids, room=1 if params.max_new_tokens else 0)
+        if params.stop_token_ids and max(params.stop_token_ids) >= self.config.vocab_size:
+            raise InvalidRequestError(f"stop token id {max(params.stop_token_ids)} is outside the vocabulary "
+                                      f"[0, {self.config.vocab_size})")
         ctx = self.config.context_length
         seqs = [Sequence(i, p, min(params.max_new_tokens, ctx - len(p))) for i, p in enumerate(ids)]
         stopper = Stopper(params, self.config.eos_token_ids, self.tokenizer)
         bar = _progress(progress, sum(s.limit for s in seqs), "generate")
         blocks = list(self._blocks(seqs))
         self._check_block_fits(blocks, max(s.limit for s in seqs))
+
+        def output(s: Sequence) -> Output:
+            return Output(prompt=shown[s.index], prompt_token_ids=s.prompt_ids, text=stopper.final_text(s),
+                          token_ids=list(s.generated), finish_reason=s.finish_reason or "length")
         for block in blocks:
             n = sum(len(m) for m in block)
             def tick(n: int = n) -> None:
@@ -276,11 +299,12 @@ class LLM:
                 if on_step:
                     on_step()
             self.engine.generate_block(block, params, stopper, on_token=tick)
+            if on_output:
+                for s in sorted((s for mb in block for s in mb), key=lambda s: s.index):
+                    on_output(s.index, output(s))
         if bar:
             bar.close()
-        return [Output(prompt=shown[s.index], prompt_token_ids=s.prompt_ids,
-                       text=stopper.final_text(s), token_ids=list(s.generated),
-                       finish_reason=s.finish_reason or "length") for s in seqs]
+        return [output(s) for s in seqs]
 
     # ------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -310,8 +334,10 @@ class LLM:
         """Sliding-window perplexity: each window scores only the tokens after the
         previous window's end, with up to ``window - stride`` tokens of context."""
         ids = list(token_ids) if token_ids is not None else self.encode(text or "")
+        if window is not None and window < 2:
+            raise InvalidRequestError(f"window must be at least 2 tokens, got {window}")
         window = min(window or min(self.config.context_length, 1024), self.config.context_length)
-        stride = stride or max(1, window // 2)
+        stride = max(1, window // 2) if stride is None else stride
         if not 0 < stride <= window:
             raise InvalidRequestError(f"stride must be in [1, window={window}], got {stride}")
         if len(ids) < 2:
@@ -337,6 +363,21 @@ class LLM:
         if bar:
             bar.close()
         return Perplexity(ppl=math.exp(nll / count), nll=nll, num_tokens=count)
+
+
+def _check_text(prompt: Prompt) -> None:
+    """Python keeps bytes that were not UTF-8 (in argv, or a file opened with surrogateescape)
+    as lone surrogates, which no tokenizer takes: refuse them by name."""
+    if isinstance(prompt, str):
+        texts = [prompt]
+    else:
+        texts = [m.get("content") for m in prompt if isinstance(m, dict)] if isinstance(prompt, list) else []
+    for t in texts:
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError("not valid UTF-8 text") from None
 
 
 def _progress(enabled: bool, total: int, desc: str) -> Any:

@@ -1,6 +1,7 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,12 +31,14 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.max_new_tokens < 0:
             raise InvalidRequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:   # NaN fails this too
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.stop_token_ids and min(self.stop_token_ids) < 0:
+            raise InvalidRequestError(f"stop token ids must be >= 0, got {min(self.stop_token_ids)}")
         if self.stop and any(s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
 

@@ -5,6 +5,7 @@ RAM, so the same policies run everywhere; the host then holds both budgets.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import PolicyDoesNotFitError
+from .errors import InvalidRequestError, PolicyDoesNotFitError
 
 TIERS = ("gpu", "cpu", "disk")
 
@@ -70,16 +71,23 @@ def _existing_parent(path: str) -> str:
 
 
 def parse_bytes(text: str | int | float | None) -> int | None:
-    """'16GiB', '2G', '500MB', '1e9' or a number of bytes."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
-    s = text.strip().lower().replace(" ", "")
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
-             "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
-    for u, mul in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mul)
-    return int(float(s))
+    """'16GiB', '2G', '500MB', '1e9' or a number of bytes: a finite size of 0 or more."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        n = float(text)
+    else:
+        s = text.strip().lower().replace(" ", "")
+        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+                 "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+        unit, mul = next(((u, m) for u, m in units.items() if s.endswith(u)), ("", 1))
+        try:
+            n = float(s[: len(s) - len(unit)]) * mul
+        except ValueError:
+            raise InvalidRequestError(f"bad memory size {text!r} (e.g. 16GiB, 500MB, 1e9)") from None
+    if not math.isfinite(n) or n < 0:
+        raise InvalidRequestError(f"bad memory size {text!r}: a finite size of 0 bytes or more")
+    return int(n)
 
 
 def fmt_bytes(n: float) -> str:

@@ -69,6 +69,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ModelConfig
+from ..errors import InvalidRequestError
 from ..memory_plan import block_demand, weight_demand
 from ..models import get_model
 from ..quant import quantized_nbytes
@@ -113,6 +114,11 @@ def var(name: str, k: float = 1.0) -> Affine:
 class Workload:
     prompt_len: int = 512
     gen_len: int = 32
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.gen_len < 1:
+            raise InvalidRequestError(f"a workload needs a prompt length and a generation length of at least 1, "
+                                      f"got {self.prompt_len} and {self.gen_len}")
 
 
 @dataclass(frozen=True)

@@ -237,11 +237,24 @@ def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:
         raise ProfileError(f"profile {path}: {e}") from None
 
 
+class ProfileSaveError(TiergenError):
+    """A measured profile that could not be written; ``profile`` holds it, so it is not lost."""
+
+    def __init__(self, message: str, profile: HardwareProfile) -> None:
+        super().__init__(message)
+        self.profile = profile
+
+
 def save_profile(p: HardwareProfile, path: str | os.PathLike[str]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Written whole or not at all: a temporary file renamed over ``path``."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(p.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(p.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ProfileSaveError(f"cannot write the profile to {path}: {e.strerror or e}", p) from None
 
 
 def default_profile_path() -> Path:
@@ -251,15 +264,23 @@ def default_profile_path() -> Path:
 
 def cached_profile(refresh: bool = False, path: str | os.PathLike[str] | None = None,
                    device: str | None = None, offload_dir: str | None = None,
-                   log: Callable[[str], None] | None = None) -> HardwareProfile:
-    """The machine's profile from the cache, measured (and cached) if absent or ``refresh``."""
+                   log: Callable[[str], None] | None = None, must_save: bool = False) -> HardwareProfile:
+    """The machine's profile from the cache, measured (and cached) if absent or ``refresh``.
+    A cache that cannot be written only costs the next run a measurement (a warning to
+    ``log``), unless ``must_save``: then ProfileSaveError, which carries the profile."""
     path = Path(path) if path else default_profile_path()
     if path.is_file() and not refresh:
         p = load_profile(path)
         if device is None or p.device == device:
             return p
     p = measure_profile(device=device, offload_dir=offload_dir, log=log)
-    save_profile(p, path)
+    try:
+        save_profile(p, path)
+    except ProfileSaveError as e:
+        if must_save:
+            raise
+        if log:
+            log(f"warning: {e}; it will be measured again next time")
     return p
 
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import PolicyDoesNotFitError, TiergenError
+from ..errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError, TiergenError
 from ..memory_plan import block_demand
 from .cost_model import VARS, Affine, CostModel, Prediction, Workload
 from .policy import Policy
@@ -299,6 +299,11 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
     ``margin``: the share of each budget kept free (one number, or per constraint
     "gpu", "cpu", "disk", "host"; unnamed ones as in margins_for). ``accept``: a
     further condition every returned policy must meet."""
+    if max_block is not None and max_block < 1:
+        raise InvalidRequestError(f"the largest block must be at least 1 sequence, got {max_block}")
+    if workload.prompt_len + workload.gen_len > cfg.context_length:
+        raise PromptTooLongError(f"a prompt of {workload.prompt_len} tokens and {workload.gen_len} new ones do not "
+                                 f"fit the model's context of {cfg.context_length}")
     cm = CostModel(cfg, dtype, profile, workload, store)
     rt = reserved(tiers, margin)
     budgets = {t: float(rt[t].budget - rt[t].current) for t in ("gpu", "cpu", "disk")}
@@ -315,7 +320,7 @@ def search(cfg: ModelConfig, dtype: torch.dtype, profile: HardwareProfile, workl
     for flags in flag_sets:
         for K in num_batches:
             for b in batch_sizes:
-                if max_block and b * K > max_block:
+                if max_block is not None and b * K > max_block:
                     continue
                 pol = replace(base, gpu_batch_size=b, num_gpu_batches=K, **flags)
                 tried += 1
@@ -353,7 +358,7 @@ def auto_policy(cfg: ModelConfig, dtype: torch.dtype, tiers, workload: Workload 
     from .profile import cached_profile
     wl = workload or AUTO_WORKLOAD
     ctx = cfg.context_length
-    if wl.prompt_len + wl.gen_len > ctx:
+    if workload is None and wl.prompt_len + wl.gen_len > ctx:   # the default, fitted to a short context
         wl = Workload(max(1, ctx - wl.gen_len), min(wl.gen_len, ctx - 1))
     prof = profile or cached_profile(device=tiers.device.type)
     return search(cfg, dtype, prof, wl, tiers, max_block=max_block, base=base, margin=margin, accept=accept,
