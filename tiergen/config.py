@@ -54,12 +54,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in ("opt", "llama"):
             raise UnknownModelError(f"unknown model family {self.family!r}")
+        _check_fields(self)   # before the defaults below divide by num_heads
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.word_embed_proj_dim == 0:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        # hidden_size < num_heads leaves a derived head_dim of 0
+        _positive_int(self.head_dim, "ModelConfig.head_dim")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -102,23 +105,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: str | os.PathLike | Mapping[str, Any], name: str = "") -> "ModelConfig":
         """From a Hugging Face ``config.json`` (a path, a model dir or the parsed dict)."""
-        if not isinstance(cfg, Mapping):
-            path = os.fspath(cfg)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise ModelNotFoundError(f"no config.json at {path}")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        c = dict(cfg)
+        c = _hf_json(cfg)
         mtype = c.get("model_type", "")
-        family = _HF_FAMILIES.get(mtype)
+        family = _HF_FAMILIES.get(mtype) if isinstance(mtype, str) else None
         if family is None:
             raise UnknownModelError(
-                f"unsupported model_type {mtype!r}; supported: {', '.join(sorted(_HF_FAMILIES))}")
+                f"unsupported model_type {_show(mtype)}; supported: {', '.join(sorted(_HF_FAMILIES))}")
         try:
             return _HF_READERS[family](c, mtype, name)
         except KeyError as e:
@@ -137,34 +129,36 @@ class ModelConfig:
                 raise CheckpointError(f"GGUF metadata lacks {arch}.{key}")
             return v
 
-        heads = int(get("attention.head_count"))
-        hidden = int(get("embedding_length"))
-        rope_dim = int(get("rope.dimension_count", 0)) or 0
-        head_dim = int(get("attention.key_length", 0)) or rope_dim or hidden // heads
+        def count(key: str, default: Any = KeyError) -> int:
+            return _positive_int(get(key, default), f"GGUF {arch}.{key}")
+
+        def optional_count(key: str) -> int | None:
+            return None if get(key, None) is None else count(key)
+
+        def number(key: str, default: float) -> float:
+            return _positive_number(get(key, default), f"GGUF {arch}.{key}")
+
+        heads = count("attention.head_count")
+        hidden = count("embedding_length")
+        head_dim = (optional_count("attention.key_length") or optional_count("rope.dimension_count")
+                    or hidden // heads)
         kv = get("attention.head_count_kv", heads)
-        scaling = None
-        stype = get("rope.scaling.type", None)
-        if stype and stype != "none":
-            factor = float(get("rope.scaling.factor", 1.0))
-            s = {"rope_type": stype, "factor": factor}
-            orig = get("rope.scaling.original_context_length", None)
-            if orig:
-                s["original_max_position_embeddings"] = int(orig)
-            scaling = tuple(sorted(s.items()))
+        kv = kv[0] if isinstance(kv, list) and kv else kv   # a per-layer list: its first entry
         tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = int(get("vocab_size", 0)) or (len(tokens) if tokens is not None else 0)
-        eos = meta.get("tokenizer.ggml.eos_token_id")
+        vocab = optional_count("vocab_size") or (len(tokens) if isinstance(tokens, list) else 0)
+        if not vocab:
+            raise CheckpointError(f"GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens")
         return cls(
             family="llama", arch=arch, name=name or str(meta.get("general.name", "")),
-            vocab_size=vocab, hidden_size=hidden, num_layers=int(get("block_count")),
-            num_heads=heads, num_kv_heads=int(kv if not isinstance(kv, (list, tuple)) else kv[0]),
-            head_dim=head_dim, ffn_dim=int(get("feed_forward_length")),
-            max_position=int(get("context_length")),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            vocab_size=vocab, hidden_size=hidden, num_layers=count("block_count"), num_heads=heads,
+            num_kv_heads=_positive_int(kv, f"GGUF {arch}.attention.head_count_kv"),
+            head_dim=head_dim, ffn_dim=count("feed_forward_length"), max_position=count("context_length"),
+            norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=number("rope.freq_base", 10000.0), rope_scaling=_gguf_rope(arch, get),
             qkv_bias=arch == "qwen2", tie_word_embeddings=True,  # fixed up by the loader
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=() if eos is None else (int(eos),),
+            eos_token_ids=_eos_tuple(meta.get("tokenizer.ggml.eos_token_id"),
+                                     "GGUF tokenizer.ggml.eos_token_id"),
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         )
 
@@ -181,79 +175,241 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-def _eos_tuple(v: Any) -> tuple[int, ...]:
+# ------------------------------------------------------------------ checks
+# Every check names the field as its file spells it, so a broken checkpoint
+# gets one line saying what to fix instead of a traceback from the model code.
+
+_REQUIRED = object()   # a field's default when the file must have it
+
+
+def _show(v: Any) -> str:
+    # a whole list or nested object would not keep the message to one line
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int in Python, but `true` for a head count is a broken file, not 1
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(v: Any, what: str) -> int:
+    if not _is_int(v) or v <= 0:
+        raise CheckpointError(f"{what} must be a positive integer, got {_show(v)}")
+    return v
+
+
+def _positive_number(v: Any, what: str) -> float:
+    try:
+        x = float(v) if _is_int(v) or isinstance(v, float) else math.nan
+    except OverflowError:   # an int beyond float's range
+        x = math.inf
+    if not (math.isfinite(x) and x > 0):
+        raise CheckpointError(f"{what} must be a positive finite number, got {_show(v)}")
+    return x
+
+
+def _check_fields(cfg: ModelConfig) -> None:
+    """A config built in code (not read from a file) gets the same checks, by field name."""
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_position"):
+        _positive_int(getattr(cfg, f), f"ModelConfig.{f}")
+    for f in ("num_kv_heads", "head_dim", "word_embed_proj_dim"):   # 0: derived from the others
+        v = getattr(cfg, f)
+        if not (_is_int(v) and v == 0):
+            _positive_int(v, f"ModelConfig.{f}")
+    if cfg.sliding_window is not None:
+        _positive_int(cfg.sliding_window, "ModelConfig.sliding_window")
+    _positive_number(cfg.norm_eps, "ModelConfig.norm_eps")
+    _positive_number(cfg.rope_theta, "ModelConfig.rope_theta")
+
+
+def _check_rope_type(rtype: Any, what: str) -> str:
+    from .models.rope import ROPE_TYPES   # lazily: rope.py imports this module
+    if not isinstance(rtype, str) or rtype not in ROPE_TYPES:
+        raise CheckpointError(f"{what}: unsupported rope type {_show(rtype)}; "
+                              f"supported: {', '.join(sorted(ROPE_TYPES))}")
+    return rtype
+
+
+def _check_activation(act: Any, what: str) -> str:
+    from .models.base import ACTIVATIONS   # lazily: base.py imports this module
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        # the same class get_model raises for it, now at read time and naming the field
+        raise UnknownModelError(f"{what}: unsupported activation {_show(act)}; "
+                                f"supported: {', '.join(sorted(ACTIVATIONS))}")
+    return act
+
+
+def _eos_tuple(v: Any, what: str) -> tuple[int, ...]:
     if v is None:
         return ()
-    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
+    ids = v if isinstance(v, (list, tuple)) else [v]
+    if not all(_is_int(x) for x in ids):
+        raise CheckpointError(f"{what} must be a token id or a list of them, got {_show(v)}")
+    return tuple(ids)
+
+
+# ------------------------------------------------------------ HF config.json
+def _hf_json(cfg: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The parsed config.json: ``cfg`` itself, or read from a path or model dir."""
+    where = "config.json"
+    if isinstance(cfg, (str, os.PathLike)):
+        where = os.fspath(cfg)
+        if os.path.isdir(where):
+            where = os.path.join(where, "config.json")
+        if not os.path.isfile(where):
+            raise ModelNotFoundError(f"no config.json at {where}")
+        try:
+            with open(where, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{where}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{where}: not a JSON object (its top level is a {type(cfg).__name__})")
+    return dict(cfg)
+
+
+def _hf_int(c: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> int:
+    """c[key], a positive int; absent gives ``default`` (a KeyError where it has none)."""
+    if key not in c and default is not _REQUIRED:
+        return default
+    return _positive_int(c[key], f"config.json: {key}")
+
+
+def _hf_optional_int(c: Mapping[str, Any], key: str) -> int | None:
+    """c[key], a positive int, or None where absent or null (transformers' own "derive it")."""
+    v = c.get(key)
+    return None if v is None else _positive_int(v, f"config.json: {key}")
+
+
+def _hf_number(c: Mapping[str, Any], key: str, default: float) -> float:
+    return _positive_number(c.get(key, default), f"config.json: {key}")
+
+
+def _hf_rope(c: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """rope_theta and the scaling items. transformers >= 5 writes rope_parameters (with
+    rope_theta inside); older checkpoints write rope_theta and rope_scaling at the top level."""
+    key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    raw = c.get(key) or {}
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"config.json: {key} must be an object, got {_show(raw)}")
+    rope = dict(raw)
+    if "rope_theta" in rope:
+        theta = _positive_number(rope.pop("rope_theta"), f"config.json: {key}.rope_theta")
+    else:
+        theta = _hf_number(c, "rope_theta", 10000.0)
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype in (None, "default"):
+        return theta, None
+    # refused here, not at the first generate, where rope.py would raise
+    rope["rope_type"] = _check_rope_type(rtype, f"config.json: {key}")
+    rope.pop("type", None)
+    if rope.get("factor") is not None:   # context_length multiplies by it
+        _positive_number(rope["factor"], f"config.json: {key}.factor")
+    if rope.get("original_max_position_embeddings") is not None:
+        _positive_int(rope["original_max_position_embeddings"],
+                      f"config.json: {key}.original_max_position_embeddings")
+    return theta, tuple(sorted((k, v) for k, v in rope.items() if v is not None))
+
+
+def _gguf_rope(arch: str, get: Any) -> tuple[tuple[str, Any], ...] | None:
+    """The scaling items from GGUF's rope.scaling.* keys (None: plain RoPE)."""
+    stype = get("rope.scaling.type", None)
+    if not stype or stype == "none":
+        return None
+    s: dict[str, Any] = {"rope_type": _check_rope_type(stype, f"GGUF {arch}.rope.scaling.type"),
+                         "factor": _positive_number(get("rope.scaling.factor", 1.0),
+                                                    f"GGUF {arch}.rope.scaling.factor")}
+    orig = get("rope.scaling.original_context_length", None)
+    if orig:
+        s["original_max_position_embeddings"] = _positive_int(
+            orig, f"GGUF {arch}.rope.scaling.original_context_length")
+    return tuple(sorted(s.items()))
 
 
 def _opt_from_hf(c: dict, mtype: str, name: str) -> ModelConfig:
-    hidden = c["hidden_size"]
+    hidden = _hf_int(c, "hidden_size")
     return ModelConfig(
-        family="opt", arch=mtype, name=name, vocab_size=c["vocab_size"], hidden_size=hidden,
-        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-        ffn_dim=c["ffn_dim"], max_position=c["max_position_embeddings"], norm_eps=1e-5,
-        activation=c.get("activation_function", "relu"),
-        word_embed_proj_dim=c.get("word_embed_proj_dim") or hidden,
+        family="opt", arch=mtype, name=name, vocab_size=_hf_int(c, "vocab_size"), hidden_size=hidden,
+        num_layers=_hf_int(c, "num_hidden_layers"), num_heads=_hf_int(c, "num_attention_heads"),
+        ffn_dim=_hf_int(c, "ffn_dim"), max_position=_hf_int(c, "max_position_embeddings"),
+        norm_eps=1e-5,
+        activation=_check_activation(c.get("activation_function", "relu"),
+                                     "config.json: activation_function"),
+        word_embed_proj_dim=_hf_optional_int(c, "word_embed_proj_dim") or hidden,
         do_layer_norm_before=c.get("do_layer_norm_before", True),
         norm_affine=c.get("layer_norm_elementwise_affine", True),
         final_norm=not c.get("_remove_final_layer_norm", False),
         qkv_bias=c.get("enable_bias", True), o_bias=c.get("enable_bias", True),
         mlp_bias=c.get("enable_bias", True),
         tie_word_embeddings=c.get("tie_word_embeddings", True),
-        bos_token_id=c.get("bos_token_id"), eos_token_ids=_eos_tuple(c.get("eos_token_id")),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_ids=_eos_tuple(c.get("eos_token_id"), "config.json: eos_token_id"),
         pad_token_id=c.get("pad_token_id"),
     )
 
 
 def _llama_from_hf(c: dict, mtype: str, name: str) -> ModelConfig:
-    # transformers >= 5 writes rope_parameters (with rope_theta inside); older
-    # checkpoints write rope_theta and rope_scaling at the top level.
-    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
-    rtype = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if rtype not in (None, "default"):
-        rope["rope_type"] = rtype
-        rope.pop("type", None)
-        scaling = tuple(sorted((k, v) for k, v in rope.items() if v is not None))
-    heads = c["num_attention_heads"]
-    hidden = c["hidden_size"]
-    sliding, sliding_layers = c.get("sliding_window"), None
+    # checked before head_dim's default divides by them
+    heads = _hf_int(c, "num_attention_heads")
+    hidden = _hf_int(c, "hidden_size")
+    layers = _hf_int(c, "num_hidden_layers")
+    theta, scaling = _hf_rope(c)
+    sliding, sliding_layers = _hf_optional_int(c, "sliding_window"), None
     if mtype == "qwen2":
-        sliding, sliding_layers = _qwen2_windows(c)
+        sliding, sliding_layers = _qwen2_windows(c, sliding, layers)
     # Qwen2 always has q/k/v biases and never others, whatever attention_bias says
     qkv_bias = True if mtype == "qwen2" else c.get("attention_bias", False)
     o_bias = False if mtype == "qwen2" else c.get("attention_bias", False)
     mlp_bias = False if mtype == "qwen2" else c.get("mlp_bias", False)
     return ModelConfig(
-        family="llama", arch=mtype, name=name, vocab_size=c["vocab_size"], hidden_size=hidden,
-        num_layers=c["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or hidden // heads, ffn_dim=c["intermediate_size"],
-        max_position=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
-        activation=c.get("hidden_act", "silu"), rope_theta=float(theta), rope_scaling=scaling,
+        family="llama", arch=mtype, name=name, vocab_size=_hf_int(c, "vocab_size"), hidden_size=hidden,
+        num_layers=layers, num_heads=heads,
+        num_kv_heads=_hf_optional_int(c, "num_key_value_heads") or heads,
+        head_dim=_hf_optional_int(c, "head_dim") or _derived_head_dim(hidden, heads),
+        ffn_dim=_hf_int(c, "intermediate_size"),
+        max_position=_hf_int(c, "max_position_embeddings", 2048),
+        norm_eps=_hf_number(c, "rms_norm_eps", 1e-6),
+        activation=_check_activation(c.get("hidden_act", "silu"), "config.json: hidden_act"),
+        rope_theta=theta, rope_scaling=scaling,
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding,
         sliding_layers=sliding_layers,
         tie_word_embeddings=c.get("tie_word_embeddings", False),
-        bos_token_id=c.get("bos_token_id"), eos_token_ids=_eos_tuple(c.get("eos_token_id")),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_ids=_eos_tuple(c.get("eos_token_id"), "config.json: eos_token_id"),
         pad_token_id=c.get("pad_token_id"),
     )
 
 
-def _qwen2_windows(c: dict) -> tuple[int | None, tuple[int, ...] | None]:
+def _derived_head_dim(hidden: int, heads: int) -> int:
+    if hidden < heads:   # the floor division would give a head size of 0
+        raise CheckpointError(
+            f"config.json: hidden_size {hidden} is smaller than num_attention_heads {heads}")
+    return hidden // heads
+
+
+def _qwen2_windows(c: dict, window: int | None, n: int) -> tuple[int | None, tuple[int, ...] | None]:
     """Qwen2's window and the layers it applies to: with use_sliding_window, the layers
     ``layer_types`` marks sliding, or by default those from ``max_window_layers`` on."""
-    window = c.get("sliding_window")
     if not c.get("use_sliding_window", False) or window is None:
         return None, None
-    n = c["num_hidden_layers"]
-    types = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention"
-                                     for i in range(n)]
+    types = c.get("layer_types") or _sliding_from(c.get("max_window_layers", 28), n)
+    if not isinstance(types, list):
+        raise CheckpointError(f"config.json: layer_types must be a list, got {_show(types)}")
     if len(types) != n:
         raise CheckpointError(f"config.json: layer_types has {len(types)} entries for {n} layers")
     layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return (window, layers) if layers else (None, None)
+
+
+def _sliding_from(first: Any, n: int) -> list[str]:
+    """The layer types max_window_layers implies: sliding from layer ``first`` on."""
+    if not _is_int(first) or first < 0:
+        raise CheckpointError(
+            f"config.json: max_window_layers must be a non-negative integer, got {_show(first)}")
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
 
 
 _HF_READERS = {"opt": _opt_from_hf, "llama": _llama_from_hf}

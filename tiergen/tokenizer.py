@@ -230,7 +230,32 @@ def load_tokenizer(path_or_dir: str | os.PathLike) -> "PreTrainedTokenizerBase |
         with GGUFFile(path) as f:
             return tokenizer_from_gguf(f.metadata)
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in _HF_TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
+        return _auto_tokenizer(path)
     return None
+
+
+def _auto_tokenizer(path: str) -> "PreTrainedTokenizerBase":
+    """AutoTokenizer on a model dir, a broken tokenizer file refused in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    # JSON and encoding errors are ValueErrors; a file of the wrong shape gives
+    # KeyError/TypeError from transformers' parsing; unreadable files OSError.
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({_reason(e)})") from None
+    except Exception as e:
+        # the tokenizers library's Rust side raises bare Exception ("data did not
+        # match any variant ..."); any subclass is someone else's bug and goes on
+        if type(e) is not Exception:
+            raise
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's message cut to its first line, for a one-line error."""
+    text = str(e).strip()
+    if isinstance(e, KeyError):   # str(KeyError) is just the quoted key
+        text = f"no {text} entry"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
