@@ -317,6 +317,9 @@ def _hf_rope(c: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] |
 def _gguf_rope(arch: str, get: Any) -> tuple[tuple[str, Any], ...] | None:
     """The scaling items from GGUF's rope.scaling.* keys (None: plain RoPE)."""
     stype = get("rope.scaling.type", None)
+    if not stype and get("rope.scale_linear", None) is not None:   # the older spelling of linear scaling
+        factor = _positive_number(get("rope.scale_linear", None), f"GGUF {arch}.rope.scale_linear")
+        return None if factor == 1.0 else (("factor", factor), ("rope_type", "linear"))
     if not stype or stype == "none":
         return None
     s: dict[str, Any] = {"rope_type": _check_rope_type(stype, f"GGUF {arch}.rope.scaling.type"),

@@ -96,8 +96,8 @@ def _byte_level_model(meta: Mapping[str, Any], tokens: list[str], types: list[in
         ])
     else:  # "gpt2", "default" and anything unknown: the GPT-2 regex
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if meta.get("tokenizer.ggml.add_space_prefix", False):
-        tk.normalizer = normalizers.Prepend(" ")
+    # tokenizer.ggml.add_space_prefix is not read here: llama.cpp applies it to SentencePiece
+    # vocabularies only (and transformers' converter does the same)
     tk.decoder = decoders.ByteLevel()
     return tk
 

@@ -223,10 +223,21 @@ def _fn(spec: _RopeSpec) -> RopeFn:
                          f"supported: {', '.join(sorted(ROPE_TYPES))}") from None
 
 
+def _frequencies(spec: _RopeSpec, seq_len: torch.Tensor | None,
+                 device: torch.device | None) -> tuple[torch.Tensor, float]:
+    """The type's frequencies, each divided by its ``freq_factors`` entry where the model has
+    them (llama.cpp's rope_freqs tensor: how a GGUF carries llama3's scaling)."""
+    inv, scale = _fn(spec)(spec, seq_len, device)
+    factors = spec.get("freq_factors")
+    if factors is not None:
+        inv = inv / torch.tensor(factors, dtype=torch.float32, device=inv.device)
+    return inv, scale
+
+
 @lru_cache(maxsize=64)
 def _fixed(spec: _RopeSpec, device: torch.device) -> tuple[torch.Tensor, float]:
     # One set per (config, device): a call then costs only the outer product.
-    return _fn(spec)(spec, None, device)
+    return _frequencies(spec, None, device)
 
 
 # ------------------------------------------------------------------ public
@@ -249,7 +260,7 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int | torch.Tensor | None = None
         return inv.clone(), scale   # the cached tensor must not be mutated by callers
     if not isinstance(seq_len, torch.Tensor):
         seq_len = torch.tensor(int(seq_len), dtype=torch.int64)
-    return _fn(spec)(spec, seq_len, seq_len.device)
+    return _frequencies(spec, seq_len, seq_len.device)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +279,7 @@ def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tenso
     pos = positions.to(torch.float32)[..., None]                   # [B, T, 1]
     if spec.rope_type in _LENGTH_DEPENDENT:
         row_len = positions.amax(dim=-1, keepdim=True).to(torch.int64) + 1  # [B, 1]
-        inv, scale = _fn(spec)(spec, row_len, positions.device)    # [B, rd/2]
+        inv, scale = _frequencies(spec, row_len, positions.device)   # [B, rd/2]
         freqs = pos * inv[:, None, :]
     else:
         inv, scale = _fixed(spec, positions.device)

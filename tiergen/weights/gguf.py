@@ -288,7 +288,7 @@ _LAYER_PARTS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
-# Tensors with no HF counterpart: llama3 rope factors are computed from config.
+# Tensors with no HF counterpart: rope_freqs goes into the config (weights/source.py).
 _IGNORED = {"rope_freqs.weight"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # llama.cpp's converter interleaves q/k rows for these archs (its rotary

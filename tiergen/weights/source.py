@@ -65,13 +65,34 @@ def gguf_source(path: str, name: str = "") -> ModelSource:
 
     f = GGUFFile(path)
     cfg = ModelConfig.from_gguf(f.metadata, name=name or os.path.basename(path))
-    cfg = cfg.with_(tie_word_embeddings="output.weight" not in f.tensors)
+    # what the metadata does not say, the tensors do: a separate head, biases, rope factors
+    cfg = cfg.with_(tie_word_embeddings="output.weight" not in f.tensors,
+                    qkv_bias="blk.0.attn_q.bias" in f.tensors, o_bias="blk.0.attn_output.bias" in f.tensors,
+                    mlp_bias="blk.0.ffn_up.bias" in f.tensors)
+    if ROPE_FACTORS in f.tensors:
+        cfg = _with_rope_factors(cfg, f.load(ROPE_FACTORS), path)
+    has_tokenizer = bool(f.metadata.get("tokenizer.ggml.tokens"))   # else token ids only
     return ModelSource(
         config=cfg,
         tensors=lambda model, dtype: _map_names(iter_hf_tensors(f, dtype), model, dtype),
-        tokenizer=lambda: tokenizer_from_gguf(f.metadata),
+        tokenizer=lambda: tokenizer_from_gguf(f.metadata) if has_tokenizer else None,
         description=f"GGUF {path}",
     )
+
+
+ROPE_FACTORS = "rope_freqs.weight"
+
+
+def _with_rope_factors(cfg: ModelConfig, factors: torch.Tensor, path: str) -> ModelConfig:
+    """llama.cpp writes llama3's scaling (and others') as one divisor per rotary frequency."""
+    from ..models.rope import rotary_dim
+    want = rotary_dim(cfg) // 2
+    if factors.dim() != 1 or factors.numel() != want or not bool(torch.isfinite(factors).all() and (factors > 0).all()):
+        raise CheckpointError(f"{path}: {ROPE_FACTORS} must hold {want} positive factors, "
+                              f"got shape {tuple(factors.shape)}")
+    params = dict(cfg.rope_scaling or ())
+    params["freq_factors"] = tuple(float(x) for x in factors.float())
+    return cfg.with_(rope_scaling=tuple(sorted(params.items())))
 
 
 def hf_dir_source(path: str, name: str = "") -> ModelSource:
