@@ -42,7 +42,7 @@ def test_fuse_tensors_names_a_missing_or_misshapen_part():
     with pytest.raises(CheckpointError, match="missing weight 'wk' of layer 0"):
         list(fuse_tensors(iter(stream), FUSION, shapes, "test"))
     bad = [((0, "wq"), torch.zeros(8, 8)), ((0, "wk"), torch.zeros(5, 8))]
-    with pytest.raises(CheckpointError, match=r"'wk' of 0 has shape \(5, 8\), expected \(4, 8\)"):
+    with pytest.raises(CheckpointError, match=r"'wk' of layer 0 has shape \(5, 8\), expected \(4, 8\)"):
         list(fuse_tensors(iter(bad), FUSION, shapes, "test"))
 
 

@@ -38,6 +38,11 @@ def fuse_shapes(parts: Shapes, fusion: Fusion) -> Shapes:
     return out
 
 
+def group_label(g: str | int) -> str:
+    """A weight group as messages name it: "layer 3", "embed", "head"."""
+    return f"layer {g}" if isinstance(g, int) else g
+
+
 def fuse_tensors(tensors: Iterator[tuple[Slot, torch.Tensor]], fusion: Fusion,
                  part_shapes: dict[str | int, Shapes], description: str) -> Iterator[tuple[Slot, torch.Tensor]]:
     """The checkpoint's tensors as stored: layer parts are held back until the last one of
@@ -51,7 +56,7 @@ def fuse_tensors(tensors: Iterator[tuple[Slot, torch.Tensor]], fusion: Fusion,
             yield (g, k), t
             continue
         if tuple(t.shape) != tuple(part_shapes[g][k]):
-            raise CheckpointError(f"{description}: weight {k!r} of {g} has shape {tuple(t.shape)}, "
+            raise CheckpointError(f"{description}: weight {k!r} of {group_label(g)} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(part_shapes[g][k])}")
         got = pending.setdefault((g, key), {})
         got[k] = t
@@ -60,4 +65,4 @@ def fuse_tensors(tensors: Iterator[tuple[Slot, torch.Tensor]], fusion: Fusion,
             yield (g, key), torch.cat([got[p] for p in fusion[key]])
     for (g, key), got in pending.items():
         missing = next(p for p in fusion[key] if p not in got)
-        raise CheckpointError(f"{description}: missing weight {missing!r} of layer {g}")
+        raise CheckpointError(f"{description}: missing weight {missing!r} of {group_label(g)}")

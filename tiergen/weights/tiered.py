@@ -33,7 +33,7 @@ from ..quant import QuantConfig, blob_nbytes, dequantize, dequantize_into, from_
 from ..tiers import Tiers
 from ..transfer import Mover, Ready
 from . import prepack, screen, tiles
-from .fusion import fuse_tensors
+from .fusion import fuse_tensors, group_label
 from .source import ModelSource
 
 ALIGN = 4096
@@ -223,11 +223,10 @@ class TieredWeights:
             if self.tied and (g, key) == ("head", "lm_head"):
                 continue   # a checkpoint's copy of tied embeddings
             if g not in shapes or key not in shapes[g]:   # a config that does not describe the checkpoint
-                where = f"layer {g}" if isinstance(g, int) else g
-                raise CheckpointError(f"{source.description}: weight {key!r} of {where} is not in the model "
+                raise CheckpointError(f"{source.description}: weight {key!r} of {group_label(g)} is not in the model "
                                       f"its config describes (a bias, a layer or a norm it does not have)")
             if tuple(t.shape) != tuple(shapes[g][key]):
-                raise CheckpointError(f"{source.description}: weight {key!r} of {g} has shape "
+                raise CheckpointError(f"{source.description}: weight {key!r} of {group_label(g)} has shape "
                                       f"{tuple(t.shape)}, expected {tuple(shapes[g][key])}")
             self._store(g, key, t, pin)
             seen.add((g, key))
@@ -237,8 +236,7 @@ class TieredWeights:
         for g, group_shapes in shapes.items():
             for key in group_shapes:
                 if (g, key) not in seen:
-                    where = f"layer {g}" if isinstance(g, int) else g
-                    raise CheckpointError(f"{source.description}: missing weight {key!r} of {where}")
+                    raise CheckpointError(f"{source.description}: missing weight {key!r} of {group_label(g)}")
 
     def _new_file(self, key: Any, nbytes: int, offload: OffloadDir | None) -> None:
         if offload is None:
@@ -262,14 +260,14 @@ class TieredWeights:
             return
         t = to_blob(quantize(t.to(h.dtype), h.quant)) if h.quant else t.to(h.dtype).contiguous()
         if packed_head:
-            self.tiers[h.tier].alloc(h.nbytes, f"weight {key} of {g}")
+            self.tiers[h.tier].alloc(h.nbytes, f"weight {key} of {group_label(g)}")
             h.tensor = prepack.PackedRows(t, HEAD_SLICE_ROWS)
             return
         if h.tier == "gpu":
-            self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {g}")
+            self.tiers.gpu.alloc(h.nbytes, f"weight {key} of {group_label(g)}")
             h.tensor = self._maybe_pack(g, key, h, t.to(self.device))
         elif h.tier == "cpu":
-            self.tiers.cpu.alloc(h.nbytes, f"weight {key} of {g}")
+            self.tiers.cpu.alloc(h.nbytes, f"weight {key} of {group_label(g)}")
             h.tensor = t.pin_memory() if pin and self.mover.cuda else self._maybe_pack(g, key, h, t)
         else:
             self.files[(g, key) if (g, key) in GATHERED else g].write_from(h.offset, t.view(-1).view(torch.uint8))
@@ -284,7 +282,7 @@ class TieredWeights:
         if tiles.holds(t):
             packed = tiles.TilePacked(t)
             if packed.nbytes > h.nbytes:   # tiles pad rows to 32 and columns to 32
-                self.tiers[h.tier].alloc(packed.nbytes - h.nbytes, f"tile padding of weight {key} of {g}")
+                self.tiers[h.tier].alloc(packed.nbytes - h.nbytes, f"tile padding of weight {key} of {group_label(g)}")
             return packed
         return prepack.pack(t) if prepack.packable(t) else t
 
@@ -314,7 +312,7 @@ class TieredWeights:
             buf = self.pool.take(span)
             link = "disk->cpu" if self.mover.cuda else "disk->gpu"
             # The host buffer is compute memory without a GPU, staging memory with one.
-            (self.tiers.cpu if self.mover.cuda else self.tiers.gpu).alloc(span, f"streamed weights of {g}")
+            (self.tiers.cpu if self.mover.cuda else self.tiers.gpu).alloc(span, f"streamed weights of {group_label(g)}")
             charged_host = span
             file = self.files[g]
 
@@ -335,9 +333,9 @@ class TieredWeights:
         else:
             charged_host, fut = 0, None
         if charged:
-            self.tiers.gpu.alloc(charged, f"streamed weights of {g}")
+            self.tiers.gpu.alloc(charged, f"streamed weights of {group_label(g)}")
         if self.mover.cuda and disk_keys:
-            self.tiers.gpu.alloc(sum(homes[k].nbytes for k in disk_keys), f"streamed weights of {g}")
+            self.tiers.gpu.alloc(sum(homes[k].nbytes for k in disk_keys), f"streamed weights of {group_label(g)}")
             charged += sum(homes[k].nbytes for k in disk_keys)
         ready = _GroupReady(out, events, fut, self._converter(g))
         self.loaded[g] = (ready, charged, buf, charged_host)
@@ -368,7 +366,7 @@ class TieredWeights:
                     dst = buf.view(self.dtype).view(h.shape)
                     out[k] = dequantize_into(src, dst) if h.quant is not None else dst.copy_(src)
                 dense += out[k].nbytes
-            self.tiers.gpu.alloc(dense, f"dequantized weights of {g}")
+            self.tiers.gpu.alloc(dense, f"dequantized weights of {group_label(g)}")
             return dense
         return run
 
