@@ -1,4 +1,5 @@
 """Sampler: filtering never admits a token outside top-k / top-p; seeds reproduce."""
+import pytest
 import torch
 
 from tiergen import LLM, SamplingParams
@@ -104,3 +105,55 @@ def test_draws_follow_the_distribution():
     assert counts[1] == 0                                         # probability zero: never drawn
     sigma = (probs * (1 - probs) / counts.sum()).sqrt()
     assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), freq
+
+
+# ------------------------------------------------------------ vLLM's conventions
+def _greedy(llm, prompt, n=8, **kw):
+    return llm.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True, **kw))[0]
+
+
+def test_stop_token_is_in_the_ids_not_the_text(smollm_path):
+    llm = LLM(smollm_path)
+    free = _greedy(llm, "The capital of France is")
+    stop = free.token_ids[2]
+    out = llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8, stop_token_ids=[stop]))[0]
+    cut = free.token_ids.index(stop) + 1
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:cut]
+    assert out.text == llm.tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+    assert out.text != llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_tiny_temperatures_are_greedy_and_top_k_minus_one_is_off(smollm_path):
+    llm = LLM(smollm_path)
+    greedy = _greedy(llm, "Once upon a time").token_ids
+    for t in (1e-6, 1e-39, 1e-45):   # logits / t would overflow float32
+        assert _greedy(llm, "Once upon a time", temperature=t, seed=1).token_ids == greedy
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert (_greedy(llm, "Once upon a time", temperature=1.0, seed=3, top_k=-1).token_ids
+            == _greedy(llm, "Once upon a time", temperature=1.0, seed=3).token_ids)
+
+
+def test_one_params_object_for_all_prompts(smollm_path):
+    from tiergen import InvalidRequestError
+    llm = LLM(smollm_path)
+    with pytest.raises(InvalidRequestError, match="one SamplingParams"):
+        llm.generate(["a", "b"], [SamplingParams(), SamplingParams()])
+
+
+def test_generation_config_eos_ids_stop_too(hf_model_dirs, tmp_path):
+    """Chat checkpoints keep their end-of-turn id in generation_config.json (Llama 3's 128009)."""
+    import json
+    import shutil
+    _, path = hf_model_dirs("llama_gqa")
+    prompt = [1, 17, 33, 99]
+    free = LLM(path, dtype="float32").generate(prompt_token_ids=[prompt],
+                                               params=SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    stop = next(t for t in free.token_ids[3:] if t not in free.token_ids[:3])
+    d = tmp_path / "with_gen_config"
+    shutil.copytree(path, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop]}))
+    llm = LLM(str(d), dtype="float32")
+    assert stop in llm.config.eos_token_ids and 2 in llm.config.eos_token_ids
+    out = llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_new_tokens=12))[0]
+    cut = next(i for i, t in enumerate(free.token_ids) if t in (2, stop)) + 1
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:cut]

@@ -267,6 +267,8 @@ class LLM:
         ``on_output(i, output)`` as soon as prompt i's block has finished, so a caller keeps
         what is done even if a later block fails."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be one SamplingParams for all prompts, got {type(params).__name__}")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]  # type: ignore[list-item]
         if prompt_token_ids is not None:

@@ -10,6 +10,9 @@ import torch
 from .errors import InvalidRequestError
 
 
+GREEDY_BELOW = 1e-5   # temperatures under this sample as greedy (vLLM's threshold too)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """vLLM's names. temperature 0 means greedy; top_k 0 means no top-k cut."""
@@ -33,8 +36,10 @@ class SamplingParams:
             raise InvalidRequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:   # NaN fails this too
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k == -1:   # vLLM's spelling of "off"
+            object.__setattr__(self, "top_k", 0)
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise InvalidRequestError(f"top_k must be >= 0 (0 or -1 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.stop_token_ids and min(self.stop_token_ids) < 0:
@@ -44,7 +49,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / T overflow float32 and sampling would be NaN: argmax is the limit
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generators(params: SamplingParams, seq_indices: list[int]) -> list[torch.Generator] | None:

@@ -46,7 +46,8 @@ class Stopper:
         if seq.done:
             return
         seq.generated.append(token)
-        if token in self.stop_ids:
+        if token in self.stop_ids:   # kept in the ids, left out of the text (as vLLM does)
+            seq.text = self.decode(seq.generated[:-1])
             seq.finish_reason = "stop"
             return
         if self.stop_strings and self.tokenizer is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -99,6 +100,8 @@ def hf_dir_source(path: str, name: str = "") -> ModelSource:
     from .hf import checkpoint_dtype, iter_safetensors, safetensors_files
 
     cfg = ModelConfig.from_hf(path, name=name or os.path.basename(os.path.normpath(path)))
+    cfg = cfg.with_(eos_token_ids=cfg.eos_token_ids + tuple(
+        t for t in _generation_eos(path) if t not in cfg.eos_token_ids))
     files = safetensors_files(path)
     return ModelSource(
         config=cfg,
@@ -107,6 +110,23 @@ def hf_dir_source(path: str, name: str = "") -> ModelSource:
         description=f"safetensors {path}",
         dtype=checkpoint_dtype(files),
     )
+
+
+def _generation_eos(path: str) -> tuple[int, ...]:
+    """generation_config.json's EOS ids: where chat models keep their end-of-turn token
+    (Llama 3's 128009), which generate() stops on as transformers does."""
+    f = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(f):
+        return ()
+    try:
+        with open(f, encoding="utf-8") as fh:
+            eos = json.load(fh).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{f}: not a readable JSON object ({e})") from None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise CheckpointError(f"{f}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return tuple(ids)
 
 
 def _hf_tokenizer(path: str) -> Any:
