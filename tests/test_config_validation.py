@@ -66,20 +66,15 @@ def test_model_type_of_the_wrong_type() -> None:
 BAD_COUNTS = ["64", None, 0, -2, True, 8.0]
 
 
-@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                   "intermediate_size", "max_position_embeddings"])
-@pytest.mark.parametrize("value", BAD_COUNTS)
-def test_llama_counts_must_be_positive_ints(field: str, value: Any) -> None:
-    with refused(f"config.json: {field} must be a positive integer, got {value!r}"):
-        ModelConfig.from_hf(dict(LLAMA, **{field: value}))
+COUNTS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"]
 
 
-@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                   "ffn_dim", "max_position_embeddings"])
+@pytest.mark.parametrize("cfg, field", [(LLAMA, f) for f in COUNTS + ["intermediate_size"]]
+                         + [(OPT, f) for f in COUNTS + ["ffn_dim"]])
 @pytest.mark.parametrize("value", BAD_COUNTS)
-def test_opt_counts_must_be_positive_ints(field: str, value: Any) -> None:
+def test_counts_must_be_positive_ints(cfg: dict, field: str, value: Any) -> None:
     with refused(f"config.json: {field} must be a positive integer, got {value!r}"):
-        ModelConfig.from_hf(dict(OPT, **{field: value}))
+        ModelConfig.from_hf(dict(cfg, **{field: value}))
 
 
 @pytest.mark.parametrize("cfg, field", [(LLAMA, "num_key_value_heads"), (LLAMA, "head_dim"),
