@@ -28,7 +28,9 @@ def weight_demand(model: Model, dtype: torch.dtype, policy: Policy, device: torc
                   store: torch.dtype | None = None) -> dict[str, dict[str, int]]:
     quant = policy.weight_quant if policy.compress_weight else None
     placed = placement_bytes(model, dtype, policy.shares("w"), quant, store)
-    in_flight = placed["max_streamed_group"] * (2 if policy.overlap else 1)
+    k = 2 if policy.overlap else 1
+    # the head stays acquired while the layers stream past it (engine.forward)
+    in_flight = max(placed["max_streamed_group"] * k, placed["streamed_head"] + placed["max_streamed_layer"] * k)
     demand = {"gpu": {"weights": placed["gpu"], "streamed weight buffers": in_flight,
                       "dequantized weights": placed["max_dequantized_group"]},
               "cpu": {"weights": placed["cpu"]},

@@ -124,8 +124,8 @@ def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float
     sizes, tied = group_sizes(model, dtype, quant, store)
     shapes, _ = placed_shapes(model)
     places = {g: place_group(s, shares) for g, s in sizes.items()}
-    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0, "max_dequantized_group": 0,
-           "shared_head_gpu": 0, "shared_head_cpu": 0}
+    out = {"gpu": 0, "cpu": 0, "disk": 0, "max_streamed_group": 0, "max_streamed_layer": 0, "streamed_head": 0,
+           "max_dequantized_group": 0, "shared_head_gpu": 0, "shared_head_cpu": 0}
     for g, group in sizes.items():
         streamed = dense = 0
         for k, tier in places[g].items():
@@ -138,6 +138,10 @@ def placement_bytes(model: Model, dtype: torch.dtype, shares: tuple[float, float
             if converted(g, k, shapes[g][k], dtype, quant, tied, tier, store) and (g, k) not in GATHERED:
                 dense += _nbytes(shapes[g][k], dtype)
         out["max_streamed_group"] = max(out["max_streamed_group"], streamed)
+        if isinstance(g, int):
+            out["max_streamed_layer"] = max(out["max_streamed_layer"], streamed)
+        elif g == "head":
+            out["streamed_head"] = streamed
         out["max_dequantized_group"] = max(out["max_dequantized_group"], dense)
     return out
 
