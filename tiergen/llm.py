@@ -293,6 +293,7 @@ class LLM:
         def output(s: Sequence) -> Output:
             return Output(prompt=shown[s.index], prompt_token_ids=s.prompt_ids, text=stopper.final_text(s),
                           token_ids=list(s.generated), finish_reason=s.finish_reason or "length")
+        done: dict[int, Output] = {}
         for block in blocks:
             n = sum(len(m) for m in block)
             def tick(n: int = n) -> None:
@@ -301,12 +302,13 @@ class LLM:
                 if on_step:
                     on_step()
             self.engine.generate_block(block, params, stopper, on_token=tick)
-            if on_output:
-                for s in sorted((s for mb in block for s in mb), key=lambda s: s.index):
-                    on_output(s.index, output(s))
+            for s in sorted((s for mb in block for s in mb), key=lambda s: s.index):
+                done[s.index] = output(s)   # each text decoded once, when its block is done
+                if on_output:
+                    on_output(s.index, done[s.index])
         if bar:
             bar.close()
-        return [output(s) for s in seqs]
+        return [done[i] for i in range(len(seqs))]
 
     # ------------------------------------------------------------- scoring
     @torch.inference_mode()
