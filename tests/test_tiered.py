@@ -118,6 +118,33 @@ def test_peaks_stay_within_tight_budgets(hf_model_dirs, tmp_path):
     assert 0 < llm.memory_report()["tiers"]["gpu"]["peak"] <= budget
 
 
+@pytest.mark.parametrize("percent", [[0, 0, 0, 0, 100, 0], [0, 0, 100, 0, 100, 0], [0, 100, 0, 0, 100, 0]],
+                         ids=["all-disk", "w-disk", "w-cpu-cache-disk"])
+def test_a_budget_that_passes_the_fit_check_never_overflows_mid_run(hf_model_dirs, tmp_path, percent):
+    """The smallest gpu budget the up-front check accepts runs to the end within it: the plan
+    counts every buffer the run holds at once (streamed layers beside the streamed head)."""
+    _, path = hf_model_dirs("llama_gqa")
+
+    def peak(budget: int) -> int | None:
+        """The run's gpu peak, or None when the plan is refused before any work."""
+        try:
+            llm = LLM(path, dtype="float32", policy=P(percent), offload_dir=str(tmp_path), gpu_mem=budget)
+            llm.generate(prompt_token_ids=PROMPTS, params=PARAMS)
+        except PolicyDoesNotFitError as e:
+            assert str(e).startswith("policy does not fit"), e     # not an overflow mid-run
+            return None
+        out = llm.memory_report()["tiers"]["gpu"]["peak"]
+        llm.close()
+        return out
+
+    lo, hi = 0, 4 << 20            # the tiny model runs in well under 4 MiB
+    assert peak(lo) is None and peak(hi) is not None
+    while hi - lo > 4096:          # bisect to within 4 KiB of the smallest accepted budget
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if peak(mid) is None else (lo, mid)
+    assert 0 < peak(hi) <= hi
+
+
 def test_policy_validation():
     from tiergen import InvalidRequestError
     with pytest.raises(InvalidRequestError):

@@ -13,7 +13,7 @@ from .disk import IOPool, OffloadDir
 from .engine import Engine
 from .errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError, TiergenError
 from .kv_cache import Runtime
-from .memory_plan import block_demand, weight_demand
+from .memory_plan import block_demand, merged, pass_weight_demand, weight_demand
 from .models import get_model
 from .policy import Policy
 from .policy.policy import DTYPE_NAMES
@@ -143,13 +143,15 @@ class LLM:
         # Refuse a policy that cannot fit before a single weight is read.
         self.store_dtype = resolve_store_dtype(offload_dtype, source.dtype, self.dtype)
         try:
-            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device, self.store_dtype))
+            self.weight_demand = weight_demand(self.model, self.dtype, policy, self.device, self.store_dtype)
+            self.tiers.check_fits(self.weight_demand)
         except PolicyDoesNotFitError:
             if dtype not in (None, "auto") or self.dtype != torch.float32:
                 raise
             self.dtype = torch.bfloat16   # the automatic float32 choice must not cost a fit
             self.store_dtype = resolve_store_dtype(offload_dtype, source.dtype, self.dtype)
-            self.tiers.check_fits(weight_demand(self.model, self.dtype, policy, self.device, self.store_dtype))
+            self.weight_demand = weight_demand(self.model, self.dtype, policy, self.device, self.store_dtype)
+            self.tiers.check_fits(self.weight_demand)
         needs_disk = policy.w_gpu_percent + policy.w_cpu_percent < 100 or \
             policy.cache_gpu_percent + policy.cache_cpu_percent < 100
         self.offload = OffloadDir(offload_dir) if needs_disk else None
@@ -240,8 +242,9 @@ class LLM:
         """Refuse, before any work, a block whose cache and activations overflow a tier."""
         width = max(len(s.prompt_ids) for b in blocks for mb in b for s in mb)
         rows = max(len(mb) for b in blocks for mb in b)
-        demand = block_demand(self.config, self.dtype, self.policy, self.device, rows, len(blocks[0]), width,
-                              new_tokens)
+        # beside the block, the buffers the weights pass through while the block runs
+        demand = merged(block_demand(self.config, self.dtype, self.policy, self.device, rows, len(blocks[0]),
+                                     width, new_tokens), pass_weight_demand(self.weight_demand))
         try:
             self.tiers.check_fits(demand)
         except PolicyDoesNotFitError:

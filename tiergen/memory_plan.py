@@ -43,6 +43,26 @@ def weight_demand(model: Model, dtype: torch.dtype, policy: Policy, device: torc
     return demand
 
 
+# weight_demand's parts that exist only while a pass runs: a block's check counts them too,
+# since the weights' homes are already allocated (Tier.current) by then but these are not
+PASS_WEIGHT_PARTS = ("streamed weight buffers", "dequantized weights", "weight staging buffers")
+
+
+def pass_weight_demand(weights: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The parts of a weight_demand that a forward pass allocates (PASS_WEIGHT_PARTS)."""
+    return {t: {k: v for k, v in items.items() if k in PASS_WEIGHT_PARTS} for t, items in weights.items()}
+
+
+def merged(*demands: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Several demands (tier -> what -> bytes) as one, same-named items added."""
+    out: dict[str, dict[str, int]] = {}
+    for d in demands:
+        for tier, items in d.items():
+            for k, v in items.items():
+                out.setdefault(tier, {})[k] = out.get(tier, {}).get(k, 0) + v
+    return out
+
+
 def block_demand(cfg: ModelConfig, dtype: torch.dtype, policy: Policy, device: torch.device,
                  rows: int, num_micro_batches: int, prompt_width: int, new_tokens: int) -> dict[str, dict[str, int]]:
     it = _itemsize(dtype)

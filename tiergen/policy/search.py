@@ -48,7 +48,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, PolicyDoesNotFitError, PromptTooLongError, TiergenError
-from ..memory_plan import block_demand
+from ..memory_plan import block_demand, merged
 from .cost_model import VARS, Affine, CostModel, Prediction, Workload
 from .policy import Policy
 from .profile import HardwareProfile
@@ -102,12 +102,7 @@ def demand(cm: CostModel, policy: Policy) -> dict[str, dict[str, int]]:
     w = cm.weight_demand(policy)
     b = block_demand(cm.cfg, cm.dtype, policy, cm.device, policy.gpu_batch_size, policy.num_gpu_batches,
                      cm.wl.prompt_len, cm.wl.gen_len)
-    out: dict[str, dict[str, int]] = {}
-    for d in (w, b):
-        for tier, items in d.items():
-            for k, v in items.items():
-                out.setdefault(tier, {})[k] = out.get(tier, {}).get(k, 0) + v
-    return out
+    return merged(w, b)
 
 
 def fits(tiers, cm: CostModel, policy: Policy) -> bool:
