@@ -271,3 +271,41 @@ def test_load_tokenizer_from_gguf_and_hf_dir(smol_ours, tmp_path: Path) -> None:
     msgs = CHATS[1]
     assert from_dir.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         smol_ours.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+# ------------------------------------------------------------- stop strings
+def _stop_at_reference(tok, ids: list[int], stops: list[str]) -> tuple[int, str] | None:
+    """(tokens taken, text) where a stop string first appears, decoding the whole text after
+    every token: what the Stopper's tail check must reproduce."""
+    for n in range(1, len(ids) + 1):
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        hits = [i for s in stops if (i := text.find(s)) >= 0]
+        if hits:
+            return n, text[:min(hits)]
+    return None
+
+
+@pytest.mark.parametrize("vocab", ["smollm", "spm"])
+def test_stop_strings_match_a_full_decode_after_every_token(vocab, smol_ours, spm_pair) -> None:
+    import random
+
+    from tiergen import SamplingParams
+    from tiergen.sequence import Sequence, Stopper
+    tok = smol_ours if vocab == "smollm" else spm_pair[0]
+    rng = random.Random(0)
+    checked = 0
+    for text in TEXTS + SPM_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        full = tok.decode(ids, skip_special_tokens=True)
+        for _ in range(6 if full else 0):    # substrings anywhere: a leading space, a split character, the start
+            a = rng.randrange(len(full))
+            stops = [full[a:a + rng.randint(1, 6)], "never-in-these-texts"]
+            seq = Sequence(0, [1], limit=len(ids))
+            stopper = Stopper(SamplingParams(stop=stops), (), tok)
+            for t in ids:
+                stopper.push(seq, t)
+            want = _stop_at_reference(tok, ids, stops)
+            got = (len(seq.generated), seq.text) if seq.finish_reason == "stop" else None
+            assert got == want, (text, stops)
+            checked += want is not None
+    assert checked > 50

@@ -40,6 +40,7 @@ class Stopper:
             ids |= set(eos_ids)
         self.stop_ids = ids
         self.stop_strings = tuple(params.stop or ())
+        self.tail_tokens = 4 * max(map(len, self.stop_strings), default=0) + 8
         self.tokenizer = tokenizer
 
     def push(self, seq: Sequence, token: int) -> None:
@@ -50,9 +51,8 @@ class Stopper:
             seq.text = self.decode(seq.generated[:-1])
             seq.finish_reason = "stop"
             return
-        if self.stop_strings and self.tokenizer is not None:
+        if self.stop_strings and self.tokenizer is not None and self._tail_hit(seq.generated):
             text = self.decode(seq.generated)
-            # Only the tail can hold a stop string that this token completed.
             hits = [i for s in self.stop_strings if (i := text.find(s)) >= 0]
             if hits:
                 seq.text = text[:min(hits)]
@@ -60,6 +60,14 @@ class Stopper:
                 return
         if len(seq.generated) >= seq.limit:
             seq.finish_reason = "length"
+
+    def _tail_hit(self, ids: list[int]) -> bool:
+        """Whether the text's tail holds a stop string. Only one that this token completed can
+        be new, and it lies in the last few tokens (a character takes at most 4 byte tokens);
+        decoding just those keeps a long generation's checks linear instead of quadratic. The
+        extra tokens before it keep the decode's start (a dropped leading space) off the string."""
+        text = self.decode(ids[-self.tail_tokens:])
+        return any(s in text for s in self.stop_strings)
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
