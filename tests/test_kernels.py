@@ -270,6 +270,25 @@ def test_a_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
     kernels._clear_stale_lock(tmp_path)                   # and no lock at all is fine
 
 
+def test_every_checkout_builds_from_the_same_staged_paths(tmp_path):
+    """Sources are copied into the (content-named) build dir once: a second checkout of the
+    same kernel names the same files, untouched, so ninja sees no change to rebuild for."""
+    import shutil
+    src = kernels.SOURCES["rowwise"]
+    other = tmp_path / "other_checkout"
+    other.mkdir()
+    for f in (src, *src.parent.glob("*.h")):
+        shutil.copy(f, other / f.name)
+    where = tmp_path / "build"
+    where.mkdir()
+    first = kernels._staged(src, where)
+    stamp = first.stat().st_mtime_ns
+    assert kernels._staged(other / src.name, where) == first == where / src.name
+    assert first.stat().st_mtime_ns == stamp and first.read_bytes() == src.read_bytes()
+    assert {h.name for h in src.parent.glob("*.h")} <= {f.name for f in where.iterdir()}
+    assert not list(where.glob(".*.tmp"))
+
+
 def test_a_kernel_for_a_missing_cpu_feature_is_not_built(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "flags\t\t: fpu avx512f avx512_bf16")

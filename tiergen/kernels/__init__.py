@@ -86,6 +86,19 @@ def _clear_stale_lock(where: Path, max_age_s: float = 600.0) -> None:
         pass
 
 
+def _staged(src: Path, where: Path) -> Path:
+    """The kernel's source and the headers copied into its build directory (named by their
+    content), so every checkout builds the same paths: ninja rebuilds when a command line
+    changes, and two checkouts sharing the cache would otherwise rebuild each other's kernels."""
+    for f in (src, *sorted(src.parent.glob("*.h"))):
+        dst = where / f.name
+        if not dst.exists():   # written whole or not at all: a concurrent build may read it
+            tmp = where / f".{f.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(f.read_bytes())
+            os.replace(tmp, dst)
+    return where / src.name
+
+
 def _build(name: str) -> ModuleType | None:
     if name in REQUIRES and REQUIRES[name] not in cpu_flags().split():
         return None
@@ -104,7 +117,7 @@ def _build(name: str) -> ModuleType | None:
             print(f"tiergen: building the CPU {name.replace('_', '-')} kernel (once per machine, "
                   f"about half a minute)", file=sys.stderr, flush=True)
         from torch.utils.cpp_extension import load as build
-        mod = build(tag, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        mod = build(tag, sources=[str(_staged(src, where))], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                     build_directory=str(where), verbose=False)
         return mod if mod.available() else None
     except Exception:   # no compiler, no ninja, an unsupported CPU: the torch path serves
