@@ -44,6 +44,13 @@ CONFIGS = {
     # LayerNorms without weight or bias; a pre-LN OPT without its final LayerNorm
     "opt_plain_ln": ("OPTConfig", dict(OPT_BASE, layer_norm_elementwise_affine=False)),
     "opt_no_final_ln": ("OPTConfig", dict(OPT_BASE, _remove_final_layer_norm=True)),
+    # Qwen3: a norm over each head's q and k; Qwen3-0.6B's heads of 128 (two query heads a
+    # K/V head: what the decode kernels handle) though hidden_size / heads is 16
+    "qwen3": ("Qwen3Config", dict(BASE, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False)),
+    # tied, with attention_bias (q, k, v and o biases) and a window from layer 1 on
+    "qwen3_window": ("Qwen3Config", dict(BASE, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                                         attention_bias=True, use_sliding_window=True, sliding_window=8,
+                                         max_window_layers=1)),
     # SmolLM2's head layout (3 query heads a K/V head, head size 64): what the CPU decode kernel handles
     "llama_d64": ("LlamaConfig", dict(BASE, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
                                       head_dim=64)),

@@ -1,7 +1,7 @@
 """ModelConfig: one frozen dataclass describing every supported family.
 
 Two families of math exist (``models/opt.py`` and ``models/llama.py``); the
-many checkpoint dialects (Llama 2/3, Mistral, Qwen2, SmolLM2, OPT) are just
+many checkpoint dialects (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, OPT) are just
 different field values here.
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any, Mapping
 from .errors import CheckpointError, ModelNotFoundError, UnknownModelError
 
 # HF model_type -> our family of math.
-_HF_FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+_HF_FAMILIES = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
+# GGUF general.architecture values the llama family reads.
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False            # an RMSNorm over each head's queries and keys before RoPE (Qwen3)
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] | None = None   # the layers that slide; None: every one
     # opt family
@@ -120,8 +123,9 @@ class ModelConfig:
     def from_gguf(cls, meta: Mapping[str, Any], name: str = "") -> "ModelConfig":
         """From GGUF metadata (key -> python value, as ``weights.gguf`` returns)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "mistral"):
-            raise UnknownModelError(f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2, mistral)")
+        if arch not in _GGUF_ARCHS:
+            raise UnknownModelError(
+                f"unsupported GGUF architecture {_show(arch)} (supported: {', '.join(_GGUF_ARCHS)})")
 
         def get(key: str, default: Any = KeyError) -> Any:
             v = meta.get(f"{arch}.{key}", default)
@@ -156,6 +160,7 @@ class ModelConfig:
             norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=number("rope.freq_base", 10000.0), rope_scaling=_gguf_rope(arch, get),
             qkv_bias=arch == "qwen2", tie_word_embeddings=True,  # fixed up by the loader
+            qk_norm=arch == "qwen3",
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=_eos_tuple(meta.get("tokenizer.ggml.eos_token_id"),
                                      "GGUF tokenizer.ggml.eos_token_id"),
@@ -361,23 +366,35 @@ def _llama_from_hf(c: dict, mtype: str, name: str) -> ModelConfig:
     layers = _hf_int(c, "num_hidden_layers")
     theta, scaling = _hf_rope(c)
     sliding, sliding_layers = _hf_optional_int(c, "sliding_window"), None
+    head_dim = _hf_optional_int(c, "head_dim")
+    max_position = _hf_int(c, "max_position_embeddings", 32768 if mtype == "qwen3" else 2048)
+    qkv_bias = o_bias = c.get("attention_bias", False)
+    mlp_bias = c.get("mlp_bias", False)
     if mtype == "qwen2":
         sliding, sliding_layers = _qwen2_windows(c, sliding, layers)
-    # Qwen2 always has q/k/v biases and never others, whatever attention_bias says
-    qkv_bias = True if mtype == "qwen2" else c.get("attention_bias", False)
-    o_bias = False if mtype == "qwen2" else c.get("attention_bias", False)
-    mlp_bias = False if mtype == "qwen2" else c.get("mlp_bias", False)
+        # Qwen2 always has q/k/v biases and never others, whatever attention_bias says
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    elif mtype == "qwen3":
+        # Qwen3Config's own defaults where the file is silent: a window of 4096 (used only with
+        # use_sliding_window), a head size of 128 (not hidden_size / heads) and a context of 32768
+        if "sliding_window" not in c:
+            sliding = 4096
+        sliding, sliding_layers = _qwen2_windows(c, sliding, layers)
+        if "head_dim" not in c:
+            head_dim = 128
+        # attention_bias gives q, k, v and o their biases; the MLP never has any
+        mlp_bias = False
     return ModelConfig(
         family="llama", arch=mtype, name=name, vocab_size=_hf_int(c, "vocab_size"), hidden_size=hidden,
         num_layers=layers, num_heads=heads,
         num_kv_heads=_hf_optional_int(c, "num_key_value_heads") or heads,
-        head_dim=_hf_optional_int(c, "head_dim") or _derived_head_dim(hidden, heads),
+        head_dim=head_dim or _derived_head_dim(hidden, heads),
         ffn_dim=_hf_int(c, "intermediate_size"),
-        max_position=_hf_int(c, "max_position_embeddings", 2048),
+        max_position=max_position,
         norm_eps=_hf_number(c, "rms_norm_eps", 1e-6),
         activation=_check_activation(c.get("hidden_act", "silu"), "config.json: hidden_act"),
         rope_theta=theta, rope_scaling=scaling,
-        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, sliding_window=sliding,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=mtype == "qwen3", sliding_window=sliding,
         sliding_layers=sliding_layers,
         tie_word_embeddings=c.get("tie_word_embeddings", False),
         bos_token_id=c.get("bos_token_id"),
@@ -394,7 +411,7 @@ def _derived_head_dim(hidden: int, heads: int) -> int:
 
 
 def _qwen2_windows(c: dict, window: int | None, n: int) -> tuple[int | None, tuple[int, ...] | None]:
-    """Qwen2's window and the layers it applies to: with use_sliding_window, the layers
+    """Qwen2's (and Qwen3's) window and the layers it applies to: with use_sliding_window, the layers
     ``layer_types`` marks sliding, or by default those from ``max_window_layers`` on."""
     if not c.get("use_sliding_window", False) or window is None:
         return None, None

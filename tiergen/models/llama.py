@@ -1,4 +1,5 @@
-"""Llama-family math: Llama 2/3, Mistral, Qwen2, SmolLM2 (RMSNorm, RoPE, GQA, SwiGLU)."""
+"""Llama-family math: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 (RMSNorm, RoPE, GQA, SwiGLU;
+Qwen3's RMSNorm over each head's queries and keys)."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,8 @@ _NAMES = NameMap([
     (_L + r"self_attn\.k_proj\.bias", "layer", "bk"),
     (_L + r"self_attn\.v_proj\.bias", "layer", "bv"),
     (_L + r"self_attn\.o_proj\.bias", "layer", "bo"),
+    (_L + r"self_attn\.q_norm\.weight", "layer", "q_norm"),
+    (_L + r"self_attn\.k_norm\.weight", "layer", "k_norm"),
     (_L + r"post_attention_layernorm\.weight", "layer", "ffn_norm"),
     (_L + r"mlp\.gate_proj\.weight", "layer", "w_gate"),
     (_L + r"mlp\.up_proj\.weight", "layer", "w_up"),
@@ -42,6 +45,15 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
     # y is a fresh temporary: scale it in place rather than allocate another
     return y.mul_(w) if w.dtype == y.dtype else w * y
+
+
+def head_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rms_norm`` over the last dim of token-major heads x [N, H, D] with one gain w [D]
+    for every head; a fresh [N, H, D]. The heads go through as rows of one [N*H, D] matrix
+    (the 2-D shape the fast bfloat16 kernel takes); x, a strided view of the fused Q/K/V
+    product, is copied once to make them."""
+    N, H, D = x.shape
+    return rms_norm(x.reshape(N * H, D), w, eps).view(N, H, D)
 
 
 @register("llama")
@@ -66,6 +78,8 @@ class Llama(Family):
             layer |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
         if c.o_bias:
             layer["bo"] = (h,)
+        if c.qk_norm:
+            layer |= {"q_norm": (c.head_dim,), "k_norm": (c.head_dim,)}
         if c.mlp_bias:
             layer |= {"b_gate": (f,), "b_up": (f,), "b_down": (h,)}
         head = {"norm": (h,)}
@@ -98,8 +112,12 @@ class Llama(Family):
         for r in chunks:
             h = rms_norm(rows[r], w["attn_norm"], c.norm_eps)
             qr, kr, vr = linear(h, w["w_qkv"], w.get("b_qkv")).split((H * D, Hkv * D, Hkv * D), -1)
-            apply_rope_into(qr.view(-1, H, D), cos[r], sin[r], q[r])
-            apply_rope_into(kr.view(-1, Hkv, D), cos[r], sin[r], k[r])
+            qr, kr = qr.view(-1, H, D), kr.view(-1, Hkv, D)
+            if c.qk_norm:   # Qwen3: each head's query and key normalised, before RoPE
+                qr = head_rms_norm(qr, w["q_norm"], c.norm_eps)
+                kr = head_rms_norm(kr, w["k_norm"], c.norm_eps)
+            apply_rope_into(qr, cos[r], sin[r], q[r])
+            apply_rope_into(kr, cos[r], sin[r], k[r])
             v[r] = vr.view(-1, Hkv, D)
         heads = (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, Hkv, D).transpose(1, 2),
                  v.view(B, T, Hkv, D).transpose(1, 2))

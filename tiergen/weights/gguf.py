@@ -287,12 +287,13 @@ _LAYER_PARTS = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",   # qwen3's per-head norms
 }
 # Tensors with no HF counterpart: rope_freqs goes into the config (weights/source.py).
 _IGNORED = {"rope_freqs.weight"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # llama.cpp's converter interleaves q/k rows for these archs (its rotary
-# layout); qwen2 keeps HF order. Mistral converts as arch "llama".
+# layout); qwen2 and qwen3 keep HF order. Mistral converts as arch "llama".
 _PERMUTED_ARCHS = {"llama", "mistral"}
 
 def hf_name(gguf_name: str) -> str | None:
