@@ -224,3 +224,132 @@ def test_greedy_head_takes_the_screen(mods, monkeypatch):
     for _ in range(3):
         assert torch.equal(greedy_head(Plain(), {"lm_head": w}, h), plain.argmax(h, w))
     assert len(calls) == 3
+
+
+def extremes():
+    """Finite bfloat16 features and weights where the relative bound fails: (a) an estimate's
+    int8 sum times the weight's step overflows float32 though the logit does not, (b) a weight row
+    of subnormals, which vdpbf16ps reads as zeros in the exact sums (and its estimate does not),
+    (c) a feature row of subnormals beside a near-subnormal channel."""
+    K, V, N = 64, 32, 17
+    h = torch.full((N, K), 2.0 ** -100)
+    h[:, :8] = 1.0                     # the outlier channels
+    w = torch.zeros(V, K)
+    w[0, 8:] = 2.0 ** 121              # logit 56 * 2^21, but 127 * 56 * 2^121 on the way
+    w[1, :8] = 2.0 ** 40               # the winner, 8 * 2^40, from the outliers alone
+    yield "overflow", h, w
+    h = torch.full((N, K), 2.0 ** 90)
+    h[:, :32] = 2.0 ** 100
+    w = torch.zeros(V, K)
+    w[0, :32] = 1.1e-38                # subnormal: logit 0 in the exact sums
+    w[1, 32:] = 2.0 ** -126            # the winner, 2^-31
+    yield "subnormal weight", h, w
+    g = torch.Generator().manual_seed(0)
+    K, V = 64, 64
+    w = torch.randn(V, K, generator=g) * 0.1
+    w[:, 3] = 100 * torch.randn(V, generator=g)
+    w[:, 4] = 1 + torch.rand(V, generator=g)
+    h = torch.randn(N, K, generator=g)
+    h[:, 3:5] *= 0.01
+    h[0] = 0
+    h[0, 3], h[0, 4] = 1.1e-38, 1.2e-38   # dim 3 subnormal (read as 0), dim 4 the least normal
+    yield "subnormal features", h, w
+
+
+@pytest.mark.parametrize("name", ["overflow", "subnormal weight", "subnormal features"])
+def test_not_for_magnitudes_outside_the_bound(mods, monkeypatch, name):
+    # the plain kernel's ids, never the screen's, where the bound does not hold
+    mod, plain = mods
+    monkeypatch.setattr(kernels, "first_of", lambda names: "lm_head_avx512")
+    h, w = next((h, w) for n, h, w in extremes() if n == name)
+    h, w = h.bfloat16(), w.bfloat16()
+    screen.allow(w, tier())
+    ids = screen.greedy(h, w)
+    assert ids is None or torch.equal(ids, plain.argmax(h, w))
+    assert torch.equal(greedy_head(Plain(), {"lm_head": w}, h), plain.argmax(h, w))
+    assert not screen.Screen.make(w, h).serves(h)
+
+
+def test_served_for_ordinary_magnitudes(mods):
+    h, w = case(32, 400, 64, seed=9)
+    s = screen.Screen.make(w, h)
+    assert s.serves(h) and s.serves(h * 1e6) and s.serves(h * 1e-6)
+    h[3] = 0
+    assert s.serves(h)                                  # a zero row: every logit exactly 0
+    h[4, 5] = 1e-39
+    assert not s.serves(h)
+    h[4, 5] = float("inf")
+    assert not s.serves(h)
+
+
+def test_exact_ties_between_different_rows(mods):
+    # small integers: every logit exact, many equal among rows whose int8 estimates differ
+    mod, plain = mods
+    g = torch.Generator().manual_seed(10)
+    for K, V, N in [(16, 300, 17), (33, 1000, 40), (64, 2000, 64), (100, 4099, 25)]:
+        w = torch.randint(-3, 4, (V, K + K % 2), generator=g).bfloat16()[:, :K]
+        h = torch.randint(-3, 4, (N, K + K % 2), generator=g).bfloat16()[:, :K]
+        w[V // 2:V // 2 + 50] = w[:50]                  # and equal rows
+        assert torch.equal(screened(mod, h, w)[0], plain.argmax(h, w))
+
+
+def test_near_duplicate_rows_one_ulp_apart(mods):
+    # rows one bfloat16 step apart in a dim or two, features aligned with them: the logits within
+    # a few float32 steps, the true best often not the best estimate
+    mod, plain = mods
+    g = torch.Generator().manual_seed(11)
+    for K in (63, 64, 130):
+        base = torch.randn(K, generator=g).bfloat16()
+        w = base.repeat(600, 1).view(torch.int16)
+        m = torch.rand(600, K, generator=g) < 2 / K
+        w = torch.where(m, w + torch.randint(-1, 2, (600, K), generator=g, dtype=torch.int16), w).view(torch.bfloat16)
+        w = torch.cat([torch.randn(50, K, generator=g).bfloat16() * 0.1, w])
+        w = torch.zeros(650, K + K % 2, dtype=torch.bfloat16).copy_(torch.nn.functional.pad(w, (0, K % 2)))[:, :K]
+        h = (base.float() * 3 + 0.001 * torch.randn(40, K, generator=g)).bfloat16()
+        h = torch.nn.functional.pad(h, (0, K % 2))[:, :K]
+        assert torch.equal(screened(mod, h, w)[0], plain.argmax(h, w))
+
+
+def tie_model(hf_model_dirs, tmp_path):
+    """llama_gqa (untied head) with head rows 128.. equal to rows 0.. (exact ties, the lower id to
+    win) and rows 64..127 one bfloat16 step from rows 0..63 in a few dims (near ties)."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+    _, path = hf_model_dirs("llama_gqa")
+    out = tmp_path / "ties"
+    shutil.copytree(path, out)
+    f = next(p for p in out.iterdir() if p.suffix == ".safetensors")
+    t = load_file(str(f))
+    w = t["lm_head.weight"].bfloat16()
+    bits = w[:64].clone().view(torch.int16)
+    bits[:, ::16] += 1
+    w[64:128] = bits.view(torch.bfloat16)
+    w[128:] = w[:128]
+    t["lm_head.weight"] = w.float()
+    save_file(t, str(f), metadata={"format": "pt"})
+    return str(out)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3", "opt", "ties"])
+def test_llm_greedy_same_tokens_with_and_without_the_screen(mods, monkeypatch, hf_model_dirs, tmp_path, name):
+    # the public API on small random models in bfloat16: 24 sequences a step (past the few-rows
+    # batch), greedy, the same tokens as the plain head's
+    from tiergen import LLM, SamplingParams
+    if kernels.first_of(kernels.HEAD_KERNELS) != "lm_head_avx512":
+        pytest.skip("this CPU's head kernel is not the AVX-512 one")
+    monkeypatch.setattr(screen, "MAX_CANDIDATE_SHARE", 1.0)   # kept on however many candidates
+    path = tie_model(hf_model_dirs, tmp_path) if name == "ties" else hf_model_dirs(name)[1]
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(3, 250, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(24)]
+    params = SamplingParams(max_new_tokens=6)
+    served = []
+    orig = screen.greedy
+    monkeypatch.setattr(screen, "greedy", lambda h, w: served.append(orig(h, w)) or served[-1])
+    llm = LLM(path, dtype="bfloat16")
+    a = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, params=params)]
+    assert any(ids is not None for ids in served)       # the screen chose the tokens
+    monkeypatch.setattr(screen, "greedy", lambda h, w: None)
+    assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, params=params)] == a
+    if name == "ties":
+        assert all(t < 128 for ts in a for t in ts)     # an exact tie goes to the lower id

@@ -41,6 +41,16 @@ PANEL = 8   # feature rows a kernel step takes (head_screen.cpp's kRows)
 # relative to max|e| * |x|_1 (twice the first-order bound; see head_screen.cpp).
 _ROUNDING = 2.0 ** -23
 _UP = 1 + 2.0 ** -20   # the bound's factors, rounded up once more
+# The bound is relative (float32 rounding) and so holds only where no sum overflows and nothing
+# falls below float32's normal range: vdpbf16ps, in the exact sums and in the outliers' estimate,
+# reads subnormal inputs and writes subnormal results as zeros (a weight row of subnormals scores
+# 0 exactly, but its int8 estimate does not), and an estimate's intermediate (the int8 sum times
+# the weight's step, before the features') can overflow where the logit does not. So the screen
+# serves only features and weights without subnormals whose magnitudes keep every sum within
+# 2^+-100 (see ``Screen.serves``); any real model's are many decades inside that.
+_TINY = 2.0 ** -126    # float32's (and bfloat16's) least normal magnitude
+_SPAN = 2.0 ** 100
+MAX_K = 1 << 16        # int8 sums of 127 x 127 x K stay in int32 (vpdpbusd wraps)
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class Screen:
     wq: torch.Tensor
     wo: torch.Tensor
     ids: torch.Tensor
+    w_lo: float = 0.0   # the weight's least nonzero |value| (inf: all zero) and its largest
+    w_hi: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +82,7 @@ class Screen:
         wq = torch.empty(VB, KQ, 16, 4, dtype=torch.uint8)
         wo = torch.empty(VB, n_out // 2, 16, dtype=torch.int32)
         ids = torch.zeros(3, VB * 16)
+        w_lo = float("inf")
         for b0 in range(0, VB, MAKE_BLOCKS):   # a slice of ids at a time: little transient memory
             b1 = min(VB, b0 + MAKE_BLOCKS)
             r0, r1 = 16 * b0, min(V, 16 * b1)
@@ -81,8 +94,27 @@ class Screen:
             wo[b0:b1] = _blocked(_pairs(part.index_select(1, outliers), 16 * (b1 - b0)), 16)
             ids[0, r0:r1] = step
             ids[1, r0:r1] = (step.double() * codes.abs().sum(-1).double() * _UP).float()
-            ids[2, r0:r1] = part.float().abs().amax(-1)
-        return cls(rest, outliers, wq, wo, ids)
+            a = part.float().abs()
+            ids[2, r0:r1] = a.amax(-1)
+            w_lo = min(w_lo, float(torch.where(a > 0, a, float("inf")).amin()))
+        return cls(rest, outliers, wq, wo, ids, w_lo, float(ids[2].max()))
+
+    def serves(self, h: torch.Tensor) -> bool | None:
+        """Whether the bound holds for features ``h`` against this weight (None: for no features,
+        a weight with subnormals or too large): all finite, none subnormal, every row's largest
+        |value| times the weight's least nonzero one at least 2^-100, and the largest sums
+        (K^2 max|w| max|h|, K max|w|, K max|h|) under 2^100."""
+        K = h.shape[1]
+        if self.w_lo < _TINY or self.w_hi * K >= _SPAN or K > MAX_K:
+            return None
+        a = h.float().abs()
+        top = a.amax(-1)   # NaN where a row has one, inf where it has an inf
+        hi = float(top.max())
+        if not hi * K < _SPAN or not hi * self.w_hi * K * K < _SPAN:   # NaN fails too
+            return False
+        if bool(((a < _TINY) & (a > 0)).any()):
+            return False
+        return bool(((top == 0) | (top * self.w_lo >= 1 / _SPAN)).all())
 
     def argmax(self, mod, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Each row's best id and how many candidates were computed exactly."""
@@ -184,7 +216,8 @@ def greedy(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """The greedy head's ids for bfloat16 features ``h`` [N, K] against the head weight ``w``,
     screened, or None where the plain kernel is to run: a weight not allowed (not resident) or
     changed since, codes that do not fit its tier, a screen switched off, features that are not
-    all finite, a CPU whose head kernel it does not reproduce."""
+    all finite or whose magnitudes the bound does not cover (``Screen.serves``), a CPU whose head
+    kernel it does not reproduce."""
     entry = _allowed.get(id(w))
     if entry is None or entry.ref() is not w or entry.off:
         return None
@@ -192,9 +225,11 @@ def greedy(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         entry.drop(off=True)
         return None
     mod = _serves(h, w)
-    if mod is None or not bool(torch.isfinite(h).all()):
+    if mod is None:
         return None
     if entry.screen is None:
+        if not bool(torch.isfinite(h).all()):   # (once made, ``serves`` checks the features)
+            return None
         if not bool(torch.isfinite(w).all()):
             entry.off = True
             return None
@@ -203,6 +238,11 @@ def greedy(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         except PolicyDoesNotFitError:
             return None
         entry.screen = Screen.make(w, h)
+    fits = entry.screen.serves(h)
+    if fits is None:    # a weight whose sums the bound cannot cover: never screened
+        entry.drop(off=True)
+    if not fits:
+        return None
     ids, candidates = entry.screen.argmax(mod, h, w)
     entry.strikes = entry.strikes + 1 if candidates > MAX_CANDIDATE_SHARE * h.shape[0] * w.shape[0] else 0
     if entry.strikes >= STRIKES:
