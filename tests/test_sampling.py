@@ -157,3 +157,49 @@ def test_generation_config_eos_ids_stop_too(hf_model_dirs, tmp_path):
     out = llm.generate(prompt_token_ids=[prompt], params=SamplingParams(max_new_tokens=12))[0]
     cut = next(i for i, t in enumerate(free.token_ids) if t in (2, stop)) + 1
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:cut]
+
+
+def test_max_tokens_min_tokens_and_their_checks():
+    from tiergen import InvalidRequestError
+    assert SamplingParams(max_tokens=5).max_new_tokens == 5 == SamplingParams(max_new_tokens=5).max_tokens
+    assert SamplingParams(max_tokens=7, max_new_tokens=7).max_new_tokens == 7
+    for kw in [dict(max_tokens=5, max_new_tokens=6), dict(min_tokens=9, max_tokens=8), dict(min_tokens=-1)]:
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**kw)
+
+
+def test_min_tokens_masks_stop_ids_as_transformers_does(smollm_path, hf_smollm):
+    """Until min_tokens are out, a stop id may not be drawn: transformers' min_new_tokens with
+    the same ids as EOS is the reference (greedy, float32)."""
+    llm = LLM(smollm_path, dtype="float32")
+    ids = llm.encode("The capital of France is")
+    free = llm.generate(prompt_token_ids=[ids], params=SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    stop = free.token_ids[1]
+    for m in (0, 3, 8):
+        out = llm.generate(prompt_token_ids=[ids], params=SamplingParams(
+            max_new_tokens=8, min_tokens=m, stop_token_ids=[stop], ignore_eos=True))[0]
+        ref = hf_smollm.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=m, eos_token_id=[stop],
+                                 do_sample=False, pad_token_id=stop)[0, len(ids):].tolist()
+        ref = ref[:ref.index(stop) + 1] if stop in ref else ref
+        assert out.token_ids == ref, m
+        assert stop not in out.token_ids[:m] and len(out.token_ids) >= min(m + 1, 8) if m else out.token_ids == \
+            free.token_ids[:2]
+
+
+def test_min_tokens_defers_stop_strings_and_stop_text_can_be_kept(smollm_path):
+    llm = LLM(smollm_path)
+    free = _greedy(llm, "The capital of France is", n=12)
+    stop = next(" " + w for w in free.text.split()[1:] if " " + w in free.text)
+    at = free.text.index(stop)
+    cut = _greedy(llm, "The capital of France is", n=12, stop=[stop])
+    kept = _greedy(llm, "The capital of France is", n=12, stop=[stop], include_stop_str_in_output=True)
+    assert cut.text == free.text[:at] and kept.text == free.text[:at + len(stop)]
+    assert kept.token_ids == cut.token_ids and kept.finish_reason == "stop"
+    # a stop string is not looked for before min_tokens: the first occurrence is passed over
+    late = _greedy(llm, "The capital of France is", n=12, stop=[stop], min_tokens=len(cut.token_ids) + 1)
+    assert len(late.token_ids) > len(cut.token_ids) and late.token_ids == free.token_ids[:len(late.token_ids)]
+    assert late.finish_reason == ("stop" if stop in free.text[at + 1:] else "length")
+    # a stop token's own text is kept too
+    tok = llm.generate(["The capital of France is"], SamplingParams(
+        max_new_tokens=8, stop_token_ids=[free.token_ids[2]], include_stop_str_in_output=True))[0]
+    assert tok.text == llm.tokenizer.decode(free.token_ids[:3], skip_special_tokens=True)

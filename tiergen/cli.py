@@ -182,7 +182,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise TiergenError("no prompts given (pass them as arguments or one per line on stdin)")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
-                            stop_token_ids=args.stop_token_id or None, ignore_eos=args.ignore_eos)
+                            stop_token_ids=args.stop_token_id or None, ignore_eos=args.ignore_eos,
+                            min_tokens=args.min_tokens, include_stop_str_in_output=args.include_stop_str)
 
     def show(i: int, o) -> None:
         if args.json:
@@ -362,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stop-token-id", type=int, action="append", help="stop token id (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--min-tokens", type=int, default=0, help="no stop before this many new tokens")
+    g.add_argument("--include-stop-str", action="store_true", help="keep the stop string (or token) in the text")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
     b = sub.add_parser("bench", help="generation throughput of a policy on random prompts")

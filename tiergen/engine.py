@@ -175,19 +175,24 @@ class Engine:
         """One new token per sequence; returns next-token logits [B,V] per micro-batch."""
         return [self.logits(h)[:, 0] for h in self.decode_hidden(mbs, tokens)]
 
-    def next_tokens(self, hidden: torch.Tensor, params: SamplingParams,
-                    generators: list[torch.Generator] | None) -> torch.Tensor:
-        """Next token per row of hidden [B,1,E]. Greedy needs only each row's argmax,
-        so on a CPU the head runs over vocabulary slices and the [B,V] logits never exist."""
-        if params.greedy:
+    def next_tokens(self, hidden: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None,
+                    banned: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Next token per row of hidden [B,1,E], the ids ``banned`` (rows, ids) masked out.
+        Greedy needs only each row's argmax, so on a CPU the head runs over vocabulary slices
+        and the [B,V] logits never exist."""
+        if params.greedy and banned is None:
             return greedy_head(self.model, self.weights.group("head"), hidden[:, 0], self.head_slice_rows).cpu()
-        return sample(self.logits(hidden)[:, 0], params, generators)
+        logits = self.logits(hidden)[:, 0]
+        if banned is not None:
+            rows, ids = (t.to(logits.device) for t in banned)
+            logits[rows[:, None], ids] = -torch.inf
+        return sample(logits, params, generators)
 
     def sample_next(self, mbs: list[MicroBatch], hidden: list[torch.Tensor], params: SamplingParams,
                     stopper: Stopper) -> list[torch.Tensor]:
         tokens = []
         for mb, h in zip(mbs, hidden):
-            t = self.next_tokens(h, params, mb.generators)
+            t = self.next_tokens(h, params, mb.generators, stopper.banned(mb.seqs))
             for s, tok in zip(mb.seqs, t.tolist()):
                 stopper.push(s, tok)
             tokens.append(t)

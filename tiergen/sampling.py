@@ -11,12 +11,13 @@ from .errors import InvalidRequestError
 
 
 GREEDY_BELOW = 1e-5   # temperatures under this sample as greedy (vLLM's threshold too)
+MAX_NEW_TOKENS = 32
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """vLLM's names. temperature 0 means greedy; top_k 0 means no top-k cut."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -24,8 +25,17 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0                  # EOS and stop ids masked, stop strings unchecked, until then
+    include_stop_str_in_output: bool = False
+    max_tokens: int | None = None        # vLLM's name for max_new_tokens
 
     def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            if self.max_new_tokens not in (MAX_NEW_TOKENS, self.max_tokens):
+                raise InvalidRequestError(f"max_tokens={self.max_tokens} and max_new_tokens={self.max_new_tokens} "
+                                          "disagree; give one of them")
+            object.__setattr__(self, "max_new_tokens", self.max_tokens)
+        object.__setattr__(self, "max_tokens", self.max_new_tokens)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is not None:
@@ -46,6 +56,9 @@ class SamplingParams:
             raise InvalidRequestError(f"stop token ids must be >= 0, got {min(self.stop_token_ids)}")
         if self.stop and any(s == "" for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequestError(f"min_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                                      f"got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:
